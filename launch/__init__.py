@@ -1,0 +1,1 @@
+"""Grid fan-out and job entry points (submitit, SLURM or local)."""

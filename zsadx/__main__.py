@@ -1,0 +1,3 @@
+from zsadx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""The ``zsadx`` command line. Each subcommand lives in the module that does the work."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from zsadx.config import ConfigError
+from zsadx.registry import UnknownNameError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from zsadx.models.methods import load_all
+
+        reg = load_all()
+        if not len(reg):
+            print("no methods registered yet")
+        for name, spec in reg.items():
+            print(f"{name:14s} {getattr(spec, 'summary', '')}")
+    elif args.what == "datasets":
+        from zsadx.data.catalog import load_all
+
+        reg = load_all()
+        if not len(reg):
+            print("no datasets registered yet")
+        else:
+            print(f"{'name':16s} {'domain':10s} {'classes':>7s} {'masks':5s} title")
+        for name, e in reg.items():
+            print(f"{name:16s} {e.domain:10s} {len(e.classes):7d} {'yes' if e.has_masks else 'no':5s} {e.title}")
+    elif args.what == "backbones":
+        from zsadx.config import config_root
+
+        for p in sorted((config_root() / "backbones").glob("*.yaml")):
+            print(p.stem)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zsadx", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list registered methods, datasets or backbone configs")
+    p.add_argument("what", choices=["methods", "datasets", "backbones"])
+    p.set_defaults(func=_cmd_list)
+
+    from zsadx import demo
+
+    demo.add_parser(sub)
+    for module in _optional_command_modules():
+        module.add_parser(sub)
+    return parser
+
+
+def _optional_command_modules() -> list:
+    """Subcommand modules added by later parts of the package (data, eval, train, grid, ...)."""
+    import importlib
+
+    mods = []
+    for name in ("zsadx.data.cli", "zsadx.eval.cli", "zsadx.predict", "zsadx.train", "launch.cli"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return mods
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # open_clip logs chatty INFO lines on the root logger; keep the root at WARNING, zsadx at INFO.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("zsadx").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("launch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args) or 0
+    except (ConfigError, UnknownNameError, FileNotFoundError) as exc:
+        print(f"zsadx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

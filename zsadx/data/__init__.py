@@ -1,0 +1,1 @@
+"""Datasets: catalog, raw-layout converters, synthetic downloads, shards and loaders."""

@@ -1,0 +1,1 @@
+"""Metrics, the evaluator, tables and visualisation."""

@@ -1,0 +1,1 @@
+"""Backbone, shared method pieces (prompts, scoring, losses, adapters) and the methods."""

@@ -1,0 +1,439 @@
+"""The frozen CLIP backbone over open_clip: loading, layer taps and the hooks methods compose.
+
+This is the only module that knows open_clip's internals. Methods never copy the transformer's
+forward; they pass hooks:
+
+* :class:`VisionHook` (an ``nn.Module``, so its parameters belong to the method) sees the token
+  sequence after embedding (``begin``), around every residual block (``block``, middleware style:
+  call ``call_next`` to run the rest of the chain and the block itself, or compute something else
+  from the block's weights) and before pooling (``end``). Extra streams (AnomalyCLIP's V-V stream,
+  FADE's GEM stream) live in ``ctx.streams`` and can be tapped by name.
+* Text prompts: ``encode_text(ids, embeddings=..., deep_prompts=...)`` takes the method's own input
+  embeddings (learnable context spliced in) and per-layer replacements of the tokens after SOT.
+
+Layers are numbered from 1 (block 24 is the last block of ViT-L); the conversion to open_clip's
+0-based ``resblocks`` happens here and nowhere else. Token sequences are batch-first (B, L, D); a
+tapped layer holds the CLS token and the patch tokens only: tokens a hook appends after the patch
+tokens (visual prompts) are cut off, so hooks must append, never insert before the patches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsadx.config import ConfigError, config_root
+
+log = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class BackboneConfig:
+    """Which CLIP to load and how to run it.
+
+    ``pretrained`` is an open_clip tag (``openai``, ``laion400m_e31``), a local file (an OpenAI
+    ``.pt`` JIT archive or state dict, an open_clip ``.pt``/``.bin``/``.safetensors``), or null for
+    random weights (tests). ``name`` may be ``auto`` with a local OpenAI file: the architecture is then
+    read off the state dict.
+    """
+
+    name: str = "ViT-L-14-336"
+    pretrained: Optional[str] = "openai"
+    # auto: the open_clip config's own choice. OpenAI weights were trained with QuickGELU; the
+    # official AdaCLIP code runs them with GELU, so the switch matters for faithful checkpoints.
+    activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
+    image_size: int = 518
+    pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    cache_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.image_size <= 0:
+            raise ConfigError(f"'backbone.image_size' must be positive, got {self.image_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Model configs shipped with zsadx (tiny CLIPs for tests and the demo)
+# --------------------------------------------------------------------------------------------
+
+_REGISTERED_CONFIG_DIRS: set[Path] = set()
+
+
+def register_model_configs(folder: Path | None = None) -> list[str]:
+    """Make the open_clip model configs in ``configs/clip_models`` known to open_clip."""
+    import open_clip
+
+    folder = Path(folder or config_root() / "clip_models")
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    if folder.is_dir() and folder.resolve() not in _REGISTERED_CONFIG_DIRS:
+        open_clip.add_model_config(folder)
+        _REGISTERED_CONFIG_DIRS.add(folder.resolve())
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Reading checkpoint files
+# --------------------------------------------------------------------------------------------
+
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read any CLIP checkpoint file users have into a flat fp32 state dict.
+
+    Handles OpenAI JIT archives (``ViT-L-14-336px.pt``), plain state dicts (OpenAI or open_clip,
+    fp16 or fp32), ``{"state_dict": ...}`` wrappers with DDP's ``module.`` prefix, and safetensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            sd = load_file(str(path))
+        elif _is_torchscript(path):
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise ValueError(f"{path}: not a readable CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not sd:
+        raise ValueError(f"{path}: holds no state dict")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    for key in _OPENAI_EXTRA_KEYS:
+        sd.pop(key, None)
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _set_activation(model: nn.Module, kind: str) -> None:
+    """Swap the MLP activation of every residual block (both towers)."""
+    from open_clip.transformer import QuickGELU
+
+    for module in model.modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, nn.Sequential) and hasattr(mlp, "gelu"):
+            mlp.gelu = QuickGELU() if kind == "quick_gelu" else nn.GELU()
+
+
+def build_clip(cfg: BackboneConfig) -> nn.Module:
+    """Create the open_clip model that ``cfg`` describes, with its weights, in eval mode."""
+    import open_clip
+
+    register_model_configs()
+    local = cfg.pretrained is not None and Path(cfg.pretrained).expanduser().is_file()
+    if local:
+        sd = read_state_dict(Path(cfg.pretrained).expanduser())
+        if cfg.name == "auto":
+            model = open_clip.build_model_from_openai_state_dict(sd, quick_gelu=True).float()
+        else:
+            _check_model_name(cfg.name)
+            model = open_clip.create_model(cfg.name, pretrained=None)
+            try:
+                model.load_state_dict(sd, strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"{cfg.pretrained}: weights do not fit model '{cfg.name}': "
+                                 f"{str(exc).splitlines()[0]}") from exc
+    else:
+        if cfg.name == "auto":
+            raise ConfigError("'backbone.name: auto' needs 'backbone.pretrained' to be a local OpenAI file")
+        if cfg.pretrained is not None and ("/" in cfg.pretrained or cfg.pretrained.endswith((".pt", ".bin"))):
+            raise FileNotFoundError(f"'backbone.pretrained' looks like a path but no file is there: {cfg.pretrained}")
+        _check_model_name(cfg.name)
+        model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
+    if cfg.activation != "auto":
+        _set_activation(model, cfg.activation)
+    if not hasattr(model, "visual") or not hasattr(model, "token_embedding"):
+        raise ValueError(f"model '{cfg.name}' is a {type(model).__name__}; zsadx needs a CLIP with a ViT "
+                         "image tower and the built-in text transformer")
+    return model.eval()
+
+
+def _check_model_name(name: str) -> None:
+    import open_clip
+    from zsadx.config import suggest
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if name not in known:
+        raise ConfigError(f"unknown open_clip model 'backbone.name: {name}'" + suggest(name, known))
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class ForwardContext:
+    """State of one vision forward pass, shared by the hooks.
+
+    ``grid`` is the patch grid (rows, cols); ``n_tokens`` counts CLS + patches (tokens appended by
+    hooks come after them); ``streams`` holds extra token streams by name (``main`` is implicit).
+    """
+
+    grid: tuple[int, int]
+    n_tokens: int
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+class VisionHook(nn.Module):
+    """Base class for per-layer vision modifications; every method is a no-op by default.
+
+    ``layers`` (1-based) limits ``block`` to those layers; None means every layer.
+    """
+
+    layers: Optional[frozenset[int]] = None
+
+    def applies(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def begin(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return x
+
+    def block(self, layer: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext,
+              call_next: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return call_next(x)
+
+    def end(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return x
+
+
+@dataclass
+class VisionOutput:
+    """What a vision forward returns.
+
+    ``pooled``: projected global embedding (B, E). ``layers``: tapped block outputs by 1-based
+    layer, (B, 1 + N, D), CLS first. ``grid``: patch grid (rows, cols). ``final``: last block
+    output of the main stream (B, 1 + N, D), before ``ln_post``.
+    """
+
+    pooled: torch.Tensor
+    layers: dict[int, torch.Tensor]
+    grid: tuple[int, int]
+    final: torch.Tensor
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip CLIP with layer taps, positional-embedding resizing and hooks."""
+
+    def __init__(self, cfg: BackboneConfig, model: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.clip = model if model is not None else build_clip(cfg)
+        self.clip.requires_grad_(False)
+        self.clip.to(_DTYPES[cfg.precision])
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+        import open_clip
+
+        try:
+            self.tokenizer = open_clip.get_tokenizer(cfg.name if cfg.name != "auto" else "ViT-L-14")
+        except Exception:  # noqa: BLE001 - models without a named tokenizer use CLIP's BPE
+            self.tokenizer = open_clip.tokenize
+
+    # ---- geometry --------------------------------------------------------------------------
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.visual.transformer.resblocks)
+
+    @property
+    def num_text_layers(self) -> int:
+        return len(self.clip.transformer.resblocks)
+
+    @property
+    def width(self) -> int:
+        return self.visual.conv1.out_channels
+
+    @property
+    def text_width(self) -> int:
+        return self.clip.token_embedding.embedding_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.visual.proj.shape[1]
+
+    @property
+    def patch_size(self) -> int:
+        return self.visual.conv1.kernel_size[0]
+
+    @property
+    def native_grid(self) -> tuple[int, int]:
+        n = self.visual.positional_embedding.shape[0] - 1
+        side = int(round(n ** 0.5))
+        return side, n // side
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def check_layers(self, layers: Iterable[int]) -> list[int]:
+        layers = sorted(set(int(l) for l in layers))
+        bad = [l for l in layers if not 1 <= l <= self.num_layers]
+        if bad:
+            raise ConfigError(f"layer(s) {bad} out of range: this backbone has blocks 1..{self.num_layers} "
+                              "(layers are numbered from 1)")
+        return layers
+
+    # ---- positional embeddings --------------------------------------------------------------
+    def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Positional embeddings for a patch grid, interpolated from the native one (CLS untouched).
+
+        Computed without touching the parameter (the official AnomalyCLIP code overwrites it in its
+        first forward) and cached per grid.
+        """
+        pe = self.visual.positional_embedding
+        if tuple(grid) == self.native_grid:
+            return pe
+        key = (tuple(grid), pe.dtype, pe.device, pe._version, self.cfg.pos_embed_interp)
+        if key not in self._pos_cache:
+            cls, patches = pe[:1], pe[1:]
+            gh, gw = self.native_grid
+            patches = patches.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()
+            patches = F.interpolate(patches, size=tuple(grid), mode=self.cfg.pos_embed_interp,
+                                    align_corners=False)
+            patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pe.dtype)
+            self._pos_cache = {key: torch.cat([cls, patches], dim=0)}
+        return self._pos_cache[key]
+
+    # ---- vision ---------------------------------------------------------------------------
+    def embed_image(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patchify, add CLS and positional embeddings, ln_pre: (B, 1 + N, D) and the grid."""
+        p = self.patch_size
+        h, w = images.shape[-2:]
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        v = self.visual
+        x = v.conv1(images.to(self.dtype))
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
+        x = v.patch_dropout(x)
+        return v.ln_pre(x), grid
+
+    def run_blocks(self, x: torch.Tensor, ctx: ForwardContext, hooks: Sequence[VisionHook] = (),
+                   taps: Sequence[int] = (), tap_stream: str = "main",
+                   last_layer: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run blocks 1..last_layer over ``x`` with hooks, collecting the tapped layers."""
+        taps = set(taps)
+        tapped: dict[int, torch.Tensor] = {}
+        last = last_layer or self.num_layers
+        for idx, blk in enumerate(self.visual.transformer.resblocks[:last]):
+            layer = idx + 1
+            chain = [h for h in hooks if h.applies(layer)]
+
+            def call(i: int, t: torch.Tensor, _blk=blk, _chain=chain, _layer=layer) -> torch.Tensor:
+                if i == len(_chain):
+                    return _blk(t)
+                return _chain[i].block(_layer, _blk, t, ctx, lambda u: call(i + 1, u))
+
+            x = call(0, x)
+            if layer in taps:
+                src = x if tap_stream == "main" else ctx.streams[tap_stream]
+                tapped[layer] = src[:, :ctx.n_tokens]
+        return x, tapped
+
+    def encode_image(self, images: torch.Tensor, layers: Sequence[int] = (),
+                     hooks: Sequence[VisionHook] = (), tap_stream: str = "main") -> VisionOutput:
+        """Full vision forward: pooled projected embedding plus the tapped layers (1-based)."""
+        layers = self.check_layers(layers)
+        x, grid = self.embed_image(images)
+        ctx = ForwardContext(grid=grid, n_tokens=x.shape[1])
+        for h in hooks:
+            x = h.begin(x, ctx)
+        x, tapped = self.run_blocks(x, ctx, hooks, layers, tap_stream)
+        for h in hooks:
+            x = h.end(x, ctx)
+        final = x[:, :ctx.n_tokens]
+        return VisionOutput(pooled=self.pool(final), layers=tapped, grid=grid, final=final)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLS token -> ln_post -> proj: the standard CLIP image embedding."""
+        return self.visual.ln_post(tokens[:, 0]) @ self.visual.proj
+
+    def project(self, tokens: torch.Tensor, ln: bool = True) -> torch.Tensor:
+        """Map width-D tokens into the joint embedding space (ln_post then proj, as for CLS)."""
+        if ln:
+            tokens = self.visual.ln_post(tokens)
+        return tokens @ self.visual.proj
+
+    def patch_tokens(self, out: VisionOutput, layer: int, project: bool = True) -> torch.Tensor:
+        """(B, N, E or D) patch tokens of a tapped layer, without CLS."""
+        if layer not in out.layers:
+            raise KeyError(f"layer {layer} was not tapped (tapped: {sorted(out.layers)})")
+        t = out.layers[layer][:, 1:]
+        return self.project(t) if project else t
+
+    # ---- text -----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def token_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of token ids, for methods that splice learnable context into them."""
+        return self.clip.token_embedding(ids).to(self.dtype)
+
+    def encode_text(self, ids: torch.Tensor, embeddings: torch.Tensor | None = None,
+                    deep_prompts: dict[int, torch.Tensor] | None = None,
+                    normalize: bool = False) -> torch.Tensor:
+        """Text embeddings (T, E), pooled at EOT.
+
+        ``embeddings`` replaces the token embeddings (same shape (T, L, D_text)); ``deep_prompts``
+        maps a 1-based text block to a tensor (n, D) or (T, n, D) that overwrites token positions
+        1..n (right after SOT) at that block's input, as deep prompt tuning does.
+        """
+        c = self.clip
+        x = self.token_embeddings(ids) if embeddings is None else embeddings.to(self.dtype)
+        x = x + c.positional_embedding[: x.shape[1]].to(x.dtype)
+        mask = c.attn_mask
+        if mask is not None:
+            mask = mask[: x.shape[1], : x.shape[1]].to(x.dtype)
+        deep_prompts = deep_prompts or {}
+        bad = [l for l in deep_prompts if not 1 <= l <= self.num_text_layers]
+        if bad:
+            raise ValueError(f"deep prompt layer(s) {bad} out of range 1..{self.num_text_layers}")
+        for idx, blk in enumerate(c.transformer.resblocks):
+            prompt = deep_prompts.get(idx + 1)
+            if prompt is not None:
+                n = prompt.shape[-2]
+                prompt = prompt.to(x.dtype).expand(x.shape[0], n, x.shape[-1])
+                x = torch.cat([x[:, :1], prompt, x[:, 1 + n:]], dim=1)
+            x = blk(x, attn_mask=mask)
+        x = c.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ c.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+def load_backbone(cfg: BackboneConfig) -> ClipBackbone:
+    return ClipBackbone(cfg)
