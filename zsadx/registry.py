@@ -36,6 +36,8 @@ class Registry(Generic[T]):
             self._items[key] = obj
             for alias in aliases:
                 a = self._norm(alias)
+                if a == key:
+                    continue
                 if a in self._items or (a in self._aliases and self._aliases[a] != key):
                     raise ValueError(f"{self.kind} alias '{alias}' is already taken")
                 self._aliases[a] = key

@@ -88,7 +88,8 @@ def register_model_configs(folder: Path | None = None) -> list[str]:
 # Reading checkpoint files
 # --------------------------------------------------------------------------------------------
 
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Keys OpenAI files carry that are not parameters (attn_mask is a traced buffer in JIT archives).
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -148,7 +149,10 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
     if local:
         sd = read_state_dict(Path(cfg.pretrained).expanduser())
         if cfg.name == "auto":
-            model = open_clip.build_model_from_openai_state_dict(sd, quick_gelu=True).float()
+            # OpenAI's own architecture rule (head width 64), as open_clip applies it to OpenAI files.
+            from open_clip.model import build_model_from_openai_state_dict
+
+            model = build_model_from_openai_state_dict(sd, quick_gelu=True).float()
         else:
             _check_model_name(cfg.name)
             model = open_clip.create_model(cfg.name, pretrained=None)

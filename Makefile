@@ -1,0 +1,28 @@
+# Two set-up commands (see README): `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv when missing. torch/torchvision are pinned here, for CPU machines like the
+# CI runner, and nowhere else: setup.cfg keeps ranges that a cluster's own CUDA build satisfies.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.zsadx-installed
+
+.PHONY: demo test venv clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/zsadx demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache
