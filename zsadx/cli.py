@@ -29,7 +29,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
             print("no datasets registered yet")
         else:
             print(f"{'name':16s} {'domain':10s} {'classes':>7s} {'masks':5s} title")
-        for name, e in reg.items():
+        for name, plugin in reg.items():
+            e = plugin.entry
             print(f"{name:16s} {e.domain:10s} {len(e.classes):7d} {'yes' if e.has_masks else 'no':5s} {e.title}")
     elif args.what == "backbones":
         from zsadx.config import config_root

@@ -30,14 +30,16 @@ class DatasetEntry:
     prompt_names: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-DATASETS: Registry[DatasetEntry] = Registry("dataset")
+# Holds dataset plug-ins (``zsadx.data.convert.base.DatasetPlugin``): an ``entry`` plus the parser
+# of the raw layout and the synthetic download of the same layout.
+DATASETS: Registry = Registry("dataset")
 
 
-def register(entry: DatasetEntry) -> DatasetEntry:
-    return DATASETS.register(entry.name, entry, aliases=entry.aliases)
+def get_entry(name: str) -> DatasetEntry:
+    return load_all().get(name).entry
 
 
-def load_all() -> Registry[DatasetEntry]:
+def load_all() -> Registry:
     """Import the converters, which register their datasets."""
     import importlib
 

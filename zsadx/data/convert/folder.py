@@ -1,0 +1,51 @@
+"""``folder``: a user's own data as ``normal/`` and ``anomalous/`` image folders, masks optional.
+
+``<root>/normal/*``, ``<root>/anomalous/*`` and optionally ``<root>/masks/<stem>[_mask].png``. The
+class name is the root folder's name. Everything is a test image (this is a target dataset).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from zsadx.data import synthetic
+from zsadx.data.catalog import DatasetEntry
+from zsadx.data.convert.base import (Candidate, DatasetPlugin, Planted, Problems, list_images, pair_by_stem,
+                                     register, strip_suffix)
+
+
+class Folder(DatasetPlugin):
+    entry = DatasetEntry(
+        name="folder", title="Your own images (normal/ and anomalous/ folders)", domain="any", classes=("<root name>",),
+        has_masks=True, aliases=("custom",),
+        layout="  <root>/normal/*.{png,jpg,...}\n  <root>/anomalous/*.{png,jpg,...}\n"
+               "  <root>/masks/<stem>[_mask].png   (optional; anomalous images without a mask stay image-level)",
+        notes="Class name = the root folder's name. Masks are optional.")
+
+    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+        normal = self.require(root / "normal")
+        anomalous = self.require(root / "anomalous")
+        cls = root.name
+        out = [Candidate(p, 0, cls, "test", specie="normal") for p in list_images(normal)]
+        images = list_images(anomalous)
+        masks = pair_by_stem(images, list_images(root / "masks"), strip_suffix("_mask"), problems) \
+            if (root / "masks").is_dir() else {}
+        out += [Candidate(p, 1, cls, "test", mask=masks.get(p), specie="anomalous") for p in images]
+        return out
+
+    def synthesize(self, root: Path, rng: np.random.Generator, n: int = 1) -> list[Planted]:
+        planted = []
+        for k in range(3 * n):
+            for label in (0, 1):
+                img, mask = synthetic.sample(48, 48, rng, bool(label))
+                rel = f"{'anomalous' if label else 'normal'}/img{k}.png"
+                synthetic.save(root / rel, img)
+                has_mask = bool(label and k % 3 != 2)  # one anomalous image without a mask
+                if has_mask:
+                    synthetic.save_mask(root / "masks" / f"img{k}_mask.png", mask)
+                planted.append(Planted(rel, label, root.name, has_mask, "test"))
+        return planted
+
+
+register(Folder())

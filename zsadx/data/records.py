@@ -1,0 +1,89 @@
+"""Manifest records: one JSON line per image, the common form of every dataset after conversion."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+MANIFEST = "manifest.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class Record:
+    """One image of a converted dataset.
+
+    ``key`` is unique within the dataset and stable across machines (it is built from the path in
+    the raw download), so shards, results and few-shot reference lists can name images by it.
+    ``label`` is 1 for anomalous. ``mask`` is None for normal images and for datasets without pixel
+    ground truth; a mask is anomalous wherever its value is non-zero (``mask_threshold`` says where
+    that cut lies for lossy masks).
+    """
+
+    key: str
+    image: str
+    label: int
+    cls: str
+    dataset: str
+    domain: str
+    split: str
+    mask: Optional[str] = None
+    specie: str = ""
+    width: int = 0
+    height: int = 0
+    source: str = ""
+    sha1: str = ""
+    mask_sha1: str = ""
+    mask_threshold: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(records: Iterable[Record], path: str | os.PathLike) -> int:
+    n = 0
+    with open(path, "w") as f:
+        for r in records:
+            f.write(r.to_json() + "\n")
+            n += 1
+    return n
+
+
+def read_manifest(path: str | os.PathLike) -> list[Record]:
+    """Read a manifest; a broken line is an error naming the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path} (create it with `zsadx data convert`)")
+    fields = {f.name for f in dataclasses.fields(Record)}
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                unknown = set(data) - fields
+                if unknown:
+                    raise ValueError(f"unknown fields {sorted(unknown)}")
+                out.append(Record(**data))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{path}:{i}: not a manifest record ({exc})") from exc
+    return out
+
+
+def iter_manifest(path: str | os.PathLike) -> Iterator[Record]:
+    yield from read_manifest(path)
