@@ -7,6 +7,7 @@ import sys
 from typing import Callable
 
 from zsadx.config import ConfigError
+from zsadx.data.shards import ShardError
 from zsadx.registry import UnknownNameError
 
 Command = Callable[[argparse.Namespace], int]
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("launch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args) or 0
-    except (ConfigError, UnknownNameError, FileNotFoundError) as exc:
+    except (ConfigError, UnknownNameError, FileNotFoundError, ShardError) as exc:
         print(f"zsadx {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
     i.add_argument("dataset")
     i.set_defaults(func=_info)
 
+    from zsadx.data import shards
+
+    shards.add_parser(dsub)
+
 
 def _convert(args: argparse.Namespace) -> int:
     from zsadx.data.convert import convert, format_summary

@@ -1,0 +1,209 @@
+"""Shard loaders: exactly-once evaluation and a resampled, weighted training mixture.
+
+Evaluation (:class:`EvalShards`): the index gives every shard's sample count, so the requested
+samples have a global order; each consumer (rank x worker) takes one contiguous slice of it and
+opens only the shards that slice touches. Every sample is seen exactly once across ranks and
+workers, however few shards there are (webdataset's shard-level split needs shards >= ranks x
+workers, the open_clip limitation).
+
+Training (:class:`TrainMixture`): each consumer draws shards with replacement from each source
+(as open_clip's resampled mode), picks the source of every sample by weight, shuffles through a
+buffer, and yields whole batches: exactly ``batches_per_epoch`` per rank, so DDP ranks stay in
+step. Everything is seeded by (seed, epoch, rank, worker), so a run is reproducible.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from zsadx.data.shards import ShardError, ShardRef, iter_tar, select_shards
+from zsadx.data.transforms import EvalTransform
+
+log = logging.getLogger(__name__)
+
+
+def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> tuple[int, int]:
+    """(rank, world size): explicit values, else torch.distributed, else the launcher's env vars."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def decode_sample(sample: dict[str, bytes], transform: EvalTransform, shard: str = "") -> dict:
+    """Tar sample -> {'image', 'mask', 'label', 'cls', 'dataset', 'domain', 'key', 'has_mask'}."""
+    key = sample.get("__key__", "?")
+    try:
+        meta = json.loads(sample["json"])
+        img_ext = next(k for k in sample if k.startswith("img."))
+        with Image.open(io.BytesIO(sample[img_ext])) as im:
+            image = transform.image(im)
+        soft = Image.open(io.BytesIO(sample["mask.png"])) if "mask.png" in sample else None
+        hard = Image.open(io.BytesIO(sample["maskn.png"])) if "maskn.png" in sample else None
+        mask = transform.mask(soft, hard)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt sample
+        raise ShardError(f"{shard}: corrupt sample '{key}' ({type(exc).__name__}: {exc})") from exc
+    return {"image": image, "mask": mask, "label": int(meta["label"]), "cls": meta["cls"],
+            "dataset": meta["dataset"], "domain": meta["domain"], "key": meta["key"],
+            "has_mask": bool(meta["has_mask"])}
+
+
+class EvalShards(IterableDataset):
+    """Each sample of the selected dataset/classes/split exactly once across ranks and workers."""
+
+    def __init__(self, root: str | os.PathLike, dataset: str | None = None, classes: Sequence[str] | None = None,
+                 split: str | None = "test", transform: EvalTransform | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        self.shards = select_shards(root, dataset, classes, split)
+        if not self.shards:
+            raise ShardError(f"{root}: no shards for dataset={dataset} classes={classes} split={split}")
+        self.transform = transform or EvalTransform()
+        self._rank, self._world = rank, world_size
+        self.total = sum(s.count for s in self.shards)
+
+    def slice_for(self, consumer: int, consumers: int) -> tuple[int, int]:
+        return consumer * self.total // consumers, (consumer + 1) * self.total // consumers
+
+    def rank_count(self, rank: int | None = None, world_size: int | None = None) -> int:
+        r, w = dist_info(rank if rank is not None else self._rank, world_size or self._world)
+        lo, hi = self.total * r // w, self.total * (r + 1) // w
+        return hi - lo
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = dist_info(self._rank, self._world)
+        wid, nw = worker()
+        # Slice first by rank, then by worker, so each rank's count does not depend on its workers.
+        r_lo, r_hi = self.total * rank // world, self.total * (rank + 1) // world
+        n = r_hi - r_lo
+        lo, hi = r_lo + n * wid // nw, r_lo + n * (wid + 1) // nw
+        offset = 0
+        for shard in self.shards:
+            s_lo, s_hi = offset, offset + shard.count
+            offset = s_hi
+            if s_hi <= lo or s_lo >= hi:
+                continue
+            seen = 0
+            for i, sample in enumerate(iter_tar(shard.path)):
+                seen = i + 1
+                g = s_lo + i
+                if g >= hi:
+                    break
+                if g >= lo:
+                    yield decode_sample(sample, self.transform, shard.path)
+            else:
+                if seen != shard.count:
+                    raise ShardError(f"{shard.path}: truncated shard: the index lists {shard.count} samples, "
+                                     f"the file holds {seen}. Re-create it with `zsadx data shard`.")
+
+
+@dataclass
+class MixtureSource:
+    """One part of a training mixture: a dataset's split (optionally some classes) with a weight."""
+
+    shards: str                       # folder with index.json
+    dataset: Optional[str] = None
+    split: Optional[str] = "test"     # the papers train on auxiliary datasets' test splits
+    classes: Optional[list[str]] = None
+    weight: float = 1.0
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else (
+            torch.tensor(vals) if isinstance(vals[0], (int, bool)) else vals)
+    return out
+
+
+class TrainMixture(IterableDataset):
+    """Infinite, resampled, weighted mixture cut into a fixed number of batches per epoch and rank."""
+
+    def __init__(self, sources: Sequence[MixtureSource], batch_size: int, batches_per_epoch: int,
+                 transform: EvalTransform | None = None, seed: int = 0, shuffle_buffer: int = 256,
+                 max_skips: int = 100, rank: int | None = None, world_size: int | None = None):
+        if not sources:
+            raise ValueError("a training mixture needs at least one source")
+        self.sources = list(sources)
+        self.refs: list[list[ShardRef]] = []
+        for s in self.sources:
+            refs = select_shards(s.shards, s.dataset, s.classes, s.split)
+            if not refs:
+                raise ShardError(f"{s.shards}: no shards for dataset={s.dataset} split={s.split} classes={s.classes}")
+            self.refs.append(refs)
+        w = np.array([s.weight for s in self.sources], dtype=float)
+        if (w <= 0).any():
+            raise ValueError("mixture weights must be positive")
+        self.weights = w / w.sum()
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.transform = transform or EvalTransform()
+        self.seed, self.shuffle_buffer, self.max_skips = seed, shuffle_buffer, max_skips
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _source_stream(self, i: int, rng: np.random.Generator) -> Iterator[tuple[str, dict]]:
+        """Raw (undecoded) samples of source ``i`` from shards drawn with replacement."""
+        refs = self.refs[i]
+        p = np.array([r.count for r in refs], dtype=float)
+        p /= p.sum()
+        while True:
+            ref = refs[rng.choice(len(refs), p=p)]
+            try:
+                for sample in iter_tar(ref.path):
+                    yield ref.path, sample
+            except ShardError as exc:
+                self._skip(exc)
+
+    def _skip(self, exc: Exception) -> None:
+        self.skipped += 1
+        log.warning("skipping (%d so far): %s", self.skipped, exc)
+        if self.skipped > self.max_skips:
+            raise ShardError(f"more than {self.max_skips} corrupt samples or shards skipped; last: {exc}") from exc
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = dist_info(self._rank, self._world)
+        wid, nw = worker()
+        rng = np.random.default_rng([self.seed, self.epoch, rank, wid])
+        streams = [self._source_stream(i, np.random.default_rng([self.seed, self.epoch, rank, wid, i]))
+                   for i in range(len(self.sources))]
+        # The buffer holds encoded bytes (a few hundred KB each), decoded only when drawn.
+        buffer: list[tuple[str, dict]] = []
+
+        def next_sample() -> dict:
+            while True:
+                while len(buffer) < max(1, self.shuffle_buffer):
+                    buffer.append(next(streams[rng.choice(len(streams), p=self.weights)]))
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                path, raw = buffer.pop()
+                try:
+                    return decode_sample(raw, self.transform, path)
+                except ShardError as exc:
+                    self._skip(exc)
+
+        for b in range(self.batches_per_epoch):
+            if b % nw != wid:
+                continue
+            yield collate([next_sample() for _ in range(self.batch_size)])
