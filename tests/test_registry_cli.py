@@ -44,4 +44,5 @@ def test_demo_writes_resolved_config_and_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.yaml").is_file()
     result = json.loads((out / "result.json").read_text())
-    assert result["grid"] == [14, 14]
+    assert result["datasets"]["mvtec-ad"]["images"] == 31 and result["datasets"]["kvasir"]["anomalous"] == 3
+    assert (out / "shards" / "index.json").is_file() and (out / "heatmap.png").is_file()

@@ -155,7 +155,8 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
             model = build_model_from_openai_state_dict(sd, quick_gelu=True).float()
         else:
             _check_model_name(cfg.name)
-            model = open_clip.create_model(cfg.name, pretrained=None)
+            with _quiet_random_init(True):
+                model = open_clip.create_model(cfg.name, pretrained=None)
             try:
                 model.load_state_dict(sd, strict=True)
             except RuntimeError as exc:
@@ -167,13 +168,33 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
         if cfg.pretrained is not None and ("/" in cfg.pretrained or cfg.pretrained.endswith((".pt", ".bin"))):
             raise FileNotFoundError(f"'backbone.pretrained' looks like a path but no file is there: {cfg.pretrained}")
         _check_model_name(cfg.name)
-        model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
+        with _quiet_random_init(cfg.pretrained is None):
+            model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
     if cfg.activation != "auto":
         _set_activation(model, cfg.activation)
     if not hasattr(model, "visual") or not hasattr(model, "token_embedding"):
         raise ValueError(f"model '{cfg.name}' is a {type(model).__name__}; zsadx needs a CLIP with a ViT "
                          "image tower and the built-in text transformer")
     return model.eval()
+
+
+class _quiet_random_init(logging.Filter):
+    """Hide open_clip's 'initialized randomly' warning where random weights are what was asked for."""
+
+    def __init__(self, active: bool):
+        super().__init__()
+        self.active = active
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+    def __enter__(self):
+        if self.active:
+            logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self)
 
 
 def _check_model_name(name: str) -> None:
