@@ -1,0 +1,152 @@
+"""Metrics: equal to scikit-learn and to an independent per-threshold AUPRO, on awkward inputs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from zsadx.eval.metrics import ClassMetrics, MetricInputError, curve_metrics, mean_over_classes, sortable_keys
+
+
+def sk_f1_max(y, s):
+    p, r, _ = precision_recall_curve(y, s)
+    f1 = 2 * p * r / (p + r)
+    return np.nanmax(f1[np.isfinite(f1)])
+
+
+def reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
+    """Independent definition: loop over every distinct threshold (s >= t), 8-connected regions."""
+    # Build per-image region lists with their image index.
+    per = []
+    for idx, m in enumerate(masks):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3)))
+        per += [(idx, lab == k) for k in range(1, n + 1)]
+    bg = ~masks.astype(bool)
+    n_bg = bg.sum()
+    pts = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        above = maps >= t
+        fpr = (above & bg).sum() / n_bg
+        pro = np.mean([above[idx][r].mean() for idx, r in per])
+        pts.append((fpr, pro))
+    xs, ys = np.array(pts).T
+    j = np.flatnonzero(xs > limit)[0]
+    y_lim = ys[j - 1] + (ys[j] - ys[j - 1]) * (limit - xs[j - 1]) / (xs[j] - xs[j - 1])
+    xs, ys = np.append(xs[:j], limit), np.append(ys[:j], y_lim)
+    return float(np.trapezoid(ys, xs) / limit)
+
+
+def random_class(rng, n_img=6, size=24, levels=None, dtype=np.float32):
+    masks = np.zeros((n_img, size, size), bool)
+    for i in range(n_img):
+        if i % 3 == 0:
+            continue  # some normal images
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(0, size, 2)
+            ry, rx = rng.integers(1, 5, 2)
+            yy, xx = np.mgrid[:size, :size]
+            masks[i] |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    maps = rng.random(masks.shape) + 0.8 * masks * rng.random()
+    maps = ndimage.gaussian_filter(maps, (0, 1, 1))
+    if levels:  # quantise to force many ties
+        maps = np.round(maps * levels) / levels
+    return masks, maps.astype(dtype)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("levels", [None, 7, 50])
+def test_pixel_metrics_equal_references(seed, levels):
+    rng = np.random.default_rng(seed)
+    masks, maps = random_class(rng, levels=levels, dtype=np.float16 if seed % 4 == 0 else np.float32)
+    acc = ClassMetrics("c")
+    labels = masks.reshape(len(masks), -1).any(1)
+    scores = maps.reshape(len(maps), -1).max(1)
+    for lo in range(0, len(masks), 4):  # several batches
+        acc.add(scores[lo:lo + 4], labels[lo:lo + 4], maps[lo:lo + 4], masks[lo:lo + 4])
+    got = acc.compute()
+    y, s = masks.ravel(), maps.astype(np.float32).ravel()
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    assert got["pixel_ap"] == pytest.approx(average_precision_score(y, s), abs=1e-6)
+    assert got["pixel_f1_max"] == pytest.approx(sk_f1_max(y, s), abs=1e-6)
+    assert got["pixel_aupro"] == pytest.approx(reference_aupro(masks, maps.astype(np.float32)), abs=1e-6)
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    assert got["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_curve_metrics_small_chunks_and_heavy_ties(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(2, 400))
+    y = rng.random(n) < rng.uniform(0.05, 0.95)
+    if y.all() or not y.any():
+        y[0], y[-1] = True, False
+    s = rng.integers(0, int(rng.integers(1, 30)), n).astype(np.float32) * rng.choice([1, -1.0])
+    s[rng.random(n) < 0.1] = -0.0  # signed zeros are ties
+    k = sortable_keys(s)
+    res = curve_metrics(k[~y].copy(), k[y], chunk=int(rng.integers(1, 8)))
+    assert res.auroc == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    assert res.ap == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    assert res.f1_max == pytest.approx(sk_f1_max(y, s), abs=1e-9)
+
+
+def test_tiny_and_degenerate_classes():
+    acc = ClassMetrics("all-anomalous")
+    acc.add([0.1, 0.9], [1, 1])
+    assert math.isnan(acc.compute()["image_auroc"])  # undefined, never 0
+    one = ClassMetrics("one-each")
+    one.add([0.2, 0.7], [0, 1])
+    assert one.compute()["image_auroc"] == 1.0
+    tie = ClassMetrics("tie")
+    tie.add([0.5, 0.5], [0, 1])
+    assert tie.compute()["image_auroc"] == 0.5
+    empty = ClassMetrics("no-masks")
+    empty.add([0.1, 0.2], [0, 1], np.zeros((2, 4, 4), np.float32), np.zeros((2, 4, 4), bool))
+    m = empty.compute()
+    assert math.isnan(m["pixel_auroc"]) and math.isnan(m["pixel_aupro"]) and m["image_auroc"] == 1.0
+
+
+def test_bad_input_names_class_and_batch():
+    acc = ClassMetrics("bottle")
+    with pytest.raises(MetricInputError, match="class 'bottle', batch 3: anomaly maps hold NaN"):
+        acc.add([0.1], [0], np.full((1, 4, 4), np.nan, np.float32), np.zeros((1, 4, 4)), batch=3)
+    with pytest.raises(MetricInputError, match="class 'bottle', batch 0: image scores hold NaN or inf"):
+        acc.add([np.inf], [0])
+    with pytest.raises(MetricInputError, match=r"maps \(1, 4, 4\) and masks \(1, 5, 5\)"):
+        acc.add([0.1], [0], np.zeros((1, 4, 4), np.float32), np.zeros((1, 5, 5)))
+    with pytest.raises(MetricInputError, match="2 image scores for 1 labels"):
+        acc.add([0.1, 0.2], [0])
+
+
+def test_mean_over_classes_skips_and_flags_undefined():
+    mean, undefined = mean_over_classes({"a": {"image_auroc": 0.8, "pixel_auroc": 0.9},
+                                         "b": {"image_auroc": math.nan, "pixel_auroc": 0.7}})
+    assert mean["image_auroc"] == 0.8 and mean["pixel_auroc"] == pytest.approx(0.8)
+    assert undefined == {"image_auroc": ["b"]}
+
+
+def test_merge_equals_single_accumulator():
+    rng = np.random.default_rng(3)
+    masks, maps = random_class(rng, n_img=8)
+    labels = masks.reshape(8, -1).any(1)
+    scores = maps.reshape(8, -1).mean(1)
+    whole = ClassMetrics("c")
+    whole.add(scores, labels, maps, masks)
+    a, b = ClassMetrics("c"), ClassMetrics("c")
+    a.add(scores[:5], labels[:5], maps[:5], masks[:5])
+    b.add(scores[5:], labels[5:], maps[5:], masks[5:])
+    a.merge(b.state())
+    assert a.compute() == pytest.approx(whole.compute())
+
+
+def test_float32_counts_would_stall_but_ours_do_not():
+    # 2^24 + 3 negatives with a handful of positives: counts must stay exact (int64).
+    n = (1 << 24) + 3
+    neg = np.full(n, sortable_keys(np.array([0.5], np.float32))[0], np.uint32)
+    neg[:3] = sortable_keys(np.array([0.9], np.float32))[0]
+    pos = sortable_keys(np.array([0.7, 0.95], np.float32))
+    res = curve_metrics(neg, pos)
+    # Positive 0.95 beats all; 0.7 beats all but the 3 negatives at 0.9.
+    assert res.auroc == pytest.approx((n + (n - 3)) / (2 * n), abs=1e-12)
