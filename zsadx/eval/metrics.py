@@ -36,9 +36,14 @@ class MetricInputError(ValueError):
 
 def sortable_keys(scores: np.ndarray) -> np.ndarray:
     """float -> uint32 with the same order (ties stay ties: -0.0 and +0.0 map to one key)."""
-    x = np.ascontiguousarray(scores, dtype=np.float32) + np.float32(0.0)
+    x = np.array(scores, dtype=np.float32, copy=True, order="C")
+    x += np.float32(0.0)  # -0.0 + 0.0 = +0.0
     u = x.view(np.uint32)
-    return np.where(u & _SIGN, ~u, u | _SIGN).astype(np.uint32, copy=False)
+    # Negative floats: flip all bits; others: set the sign bit. (arithmetic shift gives 0 or -1)
+    flip = (x.view(np.int32) >> 31).view(np.uint32)
+    flip |= _SIGN
+    u ^= flip
+    return u
 
 
 def key_of(value: float) -> np.uint32:
@@ -73,6 +78,43 @@ def _group(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.concatenate([[0], starts])
     counts = np.diff(np.append(starts, sorted_keys.size))
     return sorted_keys[starts], counts
+
+
+def _merge(nk: np.ndarray, nc: np.ndarray, pk: np.ndarray, pc: np.ndarray,
+           pw: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Merge distinct negative keys (+counts) with distinct positive keys (+counts, +weights).
+
+    Both key arrays are sorted and duplicate-free, the positive one small. Returns the merged keys
+    with negative counts, positive counts and positive weights per key (zeros where absent).
+    """
+    if pk.size == 0:
+        z = np.zeros(nk.size, np.int64)
+        return nk, nc, z, (np.zeros(nk.size) if pw is not None else None)
+    idx = np.searchsorted(nk, pk)
+    present = (idx < nk.size) & (nk[np.minimum(idx, nk.size - 1)] == pk) if nk.size else np.zeros(pk.size, bool)
+    new = ~present
+    n_new = int(new.sum())
+    total = nk.size + n_new
+    # Where each new key lands in the merged array, and where the old ones move to.
+    new_pos = idx[new] + np.arange(n_new)
+    is_new = np.zeros(total, bool)
+    is_new[new_pos] = True
+    old_pos = np.flatnonzero(~is_new)
+    keys = np.empty(total, nk.dtype)
+    keys[old_pos] = nk
+    keys[new_pos] = pk[new]
+    negc = np.zeros(total, np.int64)
+    negc[old_pos] = nc
+    pos_at = np.empty(pk.size, np.int64)
+    pos_at[new] = new_pos
+    pos_at[present] = old_pos[idx[present]] if present.any() else pos_at[present]
+    posc = np.zeros(total, np.int64)
+    posc[pos_at] = pc
+    wsum = None
+    if pw is not None:
+        wsum = np.zeros(total, np.float64)
+        wsum[pos_at] = pw
+    return keys, negc, posc, wsum
 
 
 def curve_metrics(neg_keys: np.ndarray, pos_keys: np.ndarray, pos_weights: Optional[np.ndarray] = None,
@@ -114,11 +156,13 @@ def curve_metrics(neg_keys: np.ndarray, pos_keys: np.ndarray, pos_weights: Optio
             lo_p = int(np.searchsorted(pk[:hi_p], floor_key, side="left"))
         nk, nc = _group(neg_keys[lo_n:hi_n])
         pkc, pc = _group(pk[lo_p:hi_p])
-        keys = np.union1d(nk, pkc) if pkc.size else nk
-        negc = np.zeros(keys.size, np.int64)
-        posc = np.zeros(keys.size, np.int64)
-        negc[np.searchsorted(keys, nk)] = nc
-        posc[np.searchsorted(keys, pkc)] = pc
+        w_per_key = None
+        if not pro_done and pkc.size:
+            starts = np.concatenate([[0], np.flatnonzero(np.diff(pk[lo_p:hi_p])) + 1])
+            w_per_key = np.add.reduceat(pw[lo_p:hi_p], starts)
+        elif not pro_done:
+            w_per_key = np.zeros(0)
+        keys, negc, posc, wsum = _merge(nk, nc, pkc, pc, w_per_key)
         # Descending thresholds.
         negc, posc = negc[::-1], posc[::-1]
         tps = tp + np.cumsum(posc)
@@ -138,12 +182,6 @@ def curve_metrics(neg_keys: np.ndarray, pos_keys: np.ndarray, pos_weights: Optio
         f1 = max(f1, float(f1s.max(initial=0.0)))
         # AUPRO, until the FPR limit is passed.
         if not pro_done:
-            w = pw[lo_p:hi_p]
-            # Region weight per distinct positive key, summed in float64, in descending order.
-            wsum = np.zeros(keys.size, np.float64)
-            if w.size:
-                starts = np.concatenate([[0], np.flatnonzero(np.diff(pk[lo_p:hi_p])) + 1])
-                wsum[np.searchsorted(keys, pkc)] = np.add.reduceat(w, starts)
             pros = pro + np.cumsum(wsum[::-1])
             xs = np.concatenate([[prev_pro_fpr], fpr])
             ys = np.concatenate([[prev_pro], pros])
@@ -240,14 +278,14 @@ class ClassMetrics:
         if not self._neg and not self._pos:
             return CurveResult(math.nan, math.nan, math.nan, math.nan)
         neg = np.concatenate(self._neg) if self._neg else np.zeros(0, np.uint32)
-        self._neg = [neg]  # keep one buffer (compute may be called again)
+        self._neg = [neg]  # one buffer, sorted in place below (compute may be called again)
         pos = np.concatenate(self._pos) if self._pos else np.zeros(0, np.uint32)
         if self.n_regions == 0:
-            return curve_metrics(neg.copy(), pos)
+            return curve_metrics(neg, pos)
         reg = np.concatenate(self._reg)
         sizes = np.concatenate(self._sizes)
         weights = 1.0 / (sizes[reg].astype(np.float64) * self.n_regions)
-        return curve_metrics(neg.copy(), pos, weights)
+        return curve_metrics(neg, pos, weights)
 
     def arrays(self) -> dict:
         """The raw state, for the paper-compatible variants."""
