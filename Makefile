@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.zsadx-installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean bench-data bench-metrics
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,16 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Benchmarks (figures, not tests). The metrics benchmark compares with anomalib's AUPRO, which
+# lives in its own environment: it is never a zsadx dependency.
+ANOMALIB_VENV := benchmarks/.venv-anomalib
+
+bench-data: $(STAMP)
+	$(PY) benchmarks/data.py
+
+bench-metrics: $(STAMP)
+	test -x $(ANOMALIB_VENV)/bin/python || ($(PYTHON) -m venv $(ANOMALIB_VENV) && \
+	  $(ANOMALIB_VENV)/bin/pip install -q $(TORCH_PIN) && \
+	  $(ANOMALIB_VENV)/bin/pip install -q $(TORCH_PIN) anomalib scikit-learn scipy)
+	$(PY) benchmarks/metrics.py --anomalib-python $(ANOMALIB_VENV)/bin/python

@@ -74,7 +74,8 @@ def run_sklearn(folder: str, which: str) -> dict:
 
 def run_anomalib(folder: str) -> dict:
     import torch
-    from anomalib.metrics import AUPRO
+    # The torchmetrics class behind anomalib.metrics.AUPRO (the wrapper only adds batch-field plumbing).
+    from anomalib.metrics.aupro import _AUPRO as AUPRO
 
     maps = torch.from_numpy(np.load(f"{folder}/maps.npy"))
     masks = torch.from_numpy(np.load(f"{folder}/masks.npy"))

@@ -1,0 +1,192 @@
+"""The evaluator: a method over a dataset's eval shards -> one results file per (method, checkpoint, dataset).
+
+Batches come from :class:`EvalShards` (each sample once across ranks); the method's maps are
+upsampled to the image size and smoothed as its config says; metrics accumulate per class. Under
+several processes (``accelerate launch``) every rank sends its metric state to rank 0, which
+merges and computes: the numbers are those of one process, since the metrics are exact and do not
+depend on order. The results file is written atomically (temp file + rename).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+
+from zsadx.config import save_resolved, to_dict
+from zsadx.eval.metrics import ClassMetrics, mean_over_classes
+from zsadx.models.methods.base import MethodConfig, build_method, method_field
+from zsadx.models.scoring import gaussian_blur, upsample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalDataConfig:
+    shards: str = ""
+    dataset: str = ""
+    classes: Optional[list[str]] = None
+    split: str = "test"
+    batch_size: int = 8
+    num_workers: int = 2
+    mask_resize: Literal["bilinear", "nearest"] = "bilinear"
+
+
+@dataclass
+class EvalConfig:
+    method: MethodConfig = method_field()
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    checkpoint: Optional[str] = None
+    out_dir: str = "runs/eval"
+    autocast: Literal["no", "bf16", "fp16"] = "no"
+    save_scores: bool = True          # per-image scores in the results file
+    save_overlays: int = 0            # overlay PNGs (image | heat-map | ground truth) of the first N per class
+    paper_compat: bool = False        # also compute the seeds' own metric variants
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        from zsadx.config import ConfigError
+
+        if not self.data.shards or not self.data.dataset:
+            raise ConfigError("'data.shards' and 'data.dataset' are required for an evaluation")
+
+
+def results_name(cfg: EvalConfig) -> str:
+    ckpt = Path(cfg.checkpoint).stem if cfg.checkpoint else "zero-shot"
+    return f"{cfg.method.name}-{ckpt}-{cfg.data.dataset}.json"
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _init_distributed() -> None:
+    """Join the process group when started by a launcher (accelerate launch / torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def evaluate(cfg: EvalConfig) -> Optional[dict]:
+    """Run the evaluation; returns the results on rank 0 (None on other ranks)."""
+    from torch.utils.data import DataLoader
+
+    from zsadx.data.loaders import EvalShards
+    from zsadx.data.shards import load_index
+    from zsadx.data.transforms import EvalTransform
+    from zsadx.version import code_version
+
+    _init_distributed()
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    t_start = time.perf_counter()
+    method = build_method(cfg.method).to(device).eval()
+    if cfg.checkpoint:
+        method.load_checkpoint(cfg.checkpoint)
+    size = cfg.method.backbone.image_size
+    index = load_index(cfg.data.shards)
+    groups = [g for g in index["groups"] if g["dataset"] == cfg.data.dataset and g["split"] == cfg.data.split]
+    classes = cfg.data.classes or sorted({g["cls"] for g in groups})
+    domain = groups[0]["domain"] if groups else "industrial"
+    has_masks = any(g["counts"]["masks"] for g in groups)
+    method.prepare(classes, domain)
+    ds = EvalShards(cfg.data.shards, cfg.data.dataset, cfg.data.classes, cfg.data.split,
+                    EvalTransform(size=size, mask_resize=cfg.data.mask_resize))
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    acc = {c: ClassMetrics(c, pixel=has_masks) for c in classes}
+    scores_out: list[dict] = []
+    overlays: dict[str, int] = {}
+    n_images, t_model = 0, 0.0
+    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
+    for b, batch in enumerate(loader):
+        t0 = time.perf_counter()
+        batch["image"] = batch["image"].to(device)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            pred = method.predict(batch)
+        maps = pred.maps.float()
+        if not pred.final:
+            maps = upsample(maps, size, cfg.method.align_corners)
+            maps = gaussian_blur(maps, cfg.method.sigma)
+        maps, scores = maps.cpu(), pred.scores.float().cpu()
+        t_model += time.perf_counter() - t0
+        for c in set(batch["cls"]):
+            idx = [i for i, x in enumerate(batch["cls"]) if x == c]
+            acc[c].add(scores[idx], batch["label"][idx], maps[idx] if has_masks else None,
+                       batch["mask"][idx] if has_masks else None, batch=f"{b} (rank {rank})")
+        n_images += len(batch["label"])
+        if cfg.save_scores:
+            scores_out += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
+                           for k, c, l, s in zip(batch["key"], batch["cls"], batch["label"], scores)]
+        if cfg.save_overlays:
+            _overlays(cfg, batch, maps, overlays)
+    states = {c: a.state() for c, a in acc.items()}
+    if world > 1:
+        gathered: list[Any] = [None] * world if rank == 0 else None
+        torch.distributed.gather_object((states, scores_out, n_images, t_model), gathered, dst=0)
+        if rank != 0:
+            torch.distributed.barrier()
+            return None
+        for other, sc, n, tm in gathered[1:]:
+            for c, st in other.items():
+                acc[c].merge(st)
+            scores_out += sc
+            n_images += n
+            t_model = max(t_model, tm)
+    per_class = {c: a.compute() for c, a in acc.items()}
+    mean, undefined = mean_over_classes(per_class)
+    results = {"method": cfg.method.name, "dataset": cfg.data.dataset, "split": cfg.data.split,
+               "checkpoint": cfg.checkpoint, "code_version": code_version(), "world_size": world,
+               "images": n_images, "classes": classes, "per_class": per_class, "mean": mean,
+               "undefined": undefined, "seconds": round(time.perf_counter() - t_start, 3),
+               "model_seconds": round(t_model, 3),
+               "images_per_second": round(n_images / t_model, 2) if t_model else None,
+               "config": to_dict(cfg)}
+    if cfg.paper_compat and has_masks:
+        from zsadx.eval.paper_compat import anomalyclip_pro
+
+        results["paper_compat"] = {"anomalyclip_pro": {c: anomalyclip_pro(a) for c, a in acc.items()}}
+    if cfg.save_scores:
+        results["scores"] = sorted(scores_out, key=lambda r: r["key"])
+    write_results(results, Path(cfg.out_dir) / results_name(cfg))
+    save_resolved(cfg, cfg.out_dir, name=results_name(cfg).replace(".json", ".config.yaml"))
+    if world > 1:
+        torch.distributed.barrier()
+    return results
+
+
+def write_results(results: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1, default=_jsonable, allow_nan=True))
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def _overlays(cfg: EvalConfig, batch: dict, maps: torch.Tensor, done: dict[str, int]) -> None:
+    from zsadx.eval.visualize import overlay_png
+
+    folder = Path(cfg.out_dir) / "overlays" / f"{cfg.method.name}-{cfg.data.dataset}"
+    for i, c in enumerate(batch["cls"]):
+        if done.get(c, 0) >= cfg.save_overlays:
+            continue
+        done[c] = done.get(c, 0) + 1
+        overlay_png(folder / f"{batch['key'][i].replace('/', '_')}.png", batch["image"][i].cpu(), maps[i],
+                    batch["mask"][i])

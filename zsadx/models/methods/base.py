@@ -1,0 +1,116 @@
+"""The ``Method`` interface shared by the evaluator and (for trained methods) the trainer."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+from zsadx.config import ConfigError, suggest
+from zsadx.models.backbone import BackboneConfig, ClipBackbone
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method has; each method's config subclasses this."""
+
+    name: str = ""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # Post-processing the evaluator applies to the maps a method returns at patch resolution:
+    # bilinear upsampling to the image size, then a Gaussian of ``sigma`` px (0: none).
+    sigma: float = 4.0
+    align_corners: bool = False
+
+
+@dataclass
+class Prediction:
+    """``maps`` (B, h, w) at any resolution (upsampled and smoothed by the evaluator unless
+    ``final``), higher = more anomalous; ``scores`` (B,) image-level anomaly scores."""
+
+    maps: torch.Tensor
+    scores: torch.Tensor
+    final: bool = False
+
+
+class Method(nn.Module):
+    """A CLIP-based anomaly detector on a frozen backbone.
+
+    Subclasses set ``config_cls`` and ``summary``, build their pieces in ``__init__`` and implement
+    ``predict``. Trained methods also implement ``loss`` and keep every learnable tensor in
+    submodules other than ``self.backbone`` -- only those are optimised and saved.
+    """
+
+    config_cls: ClassVar[type] = MethodConfig
+    summary: ClassVar[str] = ""
+    trained: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, backbone: Optional[ClipBackbone] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone if backbone is not None else ClipBackbone(cfg.backbone)
+
+    # -- data-dependent set-up ------------------------------------------------------------
+    def prepare(self, classes: Sequence[str], domain: str = "industrial",
+                references: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Called once per dataset before ``predict``: class names (for class-aware prompts), the
+        domain, and for few-shot methods the normal reference images per class."""
+
+    def predict(self, batch: dict[str, Any]) -> Prediction:
+        raise NotImplementedError
+
+    # -- training -------------------------------------------------------------------------
+    def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} is training-free")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        own = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State of everything but the frozen backbone (what checkpoints hold)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("backbone.")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit {type(self).__name__}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load trainable state from a file: a bare state dict or a training checkpoint's ``method``."""
+        import os
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "method" in state and isinstance(state["method"], dict):
+            state = state["method"]
+        self.load_trainable_state_dict(state)
+
+
+def method_config_type(data: dict, key: str) -> type:
+    """``choose_type`` for a ``method:`` section: the config class registered for ``method.name``."""
+    from zsadx.models.methods import load_all
+
+    reg = load_all()
+    name = data.get("name")
+    if not name:
+        raise ConfigError(f"'{key}.name' is required: one of {', '.join(reg.names())}")
+    if name not in reg:
+        raise ConfigError(f"'{key}.name': unknown method '{name}'" + suggest(name, reg.names())
+                          + f"; known: {', '.join(reg.names())}")
+    return reg.get(name).config_cls
+
+
+def build_method(cfg: MethodConfig, backbone: Optional[ClipBackbone] = None) -> Method:
+    from zsadx.models.methods import load_all
+
+    return load_all().get(cfg.name)(cfg, backbone)
+
+
+def method_field() -> Any:
+    return dataclasses.field(default_factory=MethodConfig, metadata={"choose_type": method_config_type})

@@ -1,0 +1,69 @@
+"""Scoring pieces the methods share: similarity maps, upsampling, smoothing, image scores."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def similarity_probs(tokens: torch.Tensor, text: torch.Tensor, scale: float, index: int = 1) -> torch.Tensor:
+    """softmax(scale * <tokens, text>) over the text axis, column ``index`` (the abnormal class).
+
+    ``tokens`` (B, N, E) and ``text`` (C, E) or per-image (B, C, E); both are L2-normalised here.
+    """
+    tokens = F.normalize(tokens, dim=-1)
+    text = F.normalize(text, dim=-1)
+    logits = scale * (tokens @ (text.transpose(-1, -2)))
+    return logits.float().softmax(-1)[..., index]
+
+
+def grid_to_map(values: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N) patch values -> (B, rows, cols)."""
+    return values.reshape(values.shape[0], *grid)
+
+
+def upsample(maps: torch.Tensor, size: int | tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """(B, h, w) -> (B, H, W), bilinear (the seeds' choice; align_corners differs between them)."""
+    size = (size, size) if isinstance(size, int) else size
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=align_corners)[:, 0]
+
+
+def _gaussian_kernel(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    radius = int(truncate * sigma + 0.5)  # scipy.ndimage's rule
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def _symmetric_pad(x: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """scipy's 'reflect' border (d c b a | a b c d | d c b a), which torch's modes lack."""
+    n = x.shape[dim]
+    if r == 0:
+        return x
+    if r > n:  # tile the reflection for tiny maps
+        reps = math.ceil(r / n) * 2 + 1
+        flipped = torch.cat([x.flip(dim), x], dim)
+        tiled = torch.cat([flipped] * reps, dim)
+        start = reps * n - r  # keep x centred
+        return tiled.narrow(dim, start, n + 2 * r)
+    left = x.narrow(dim, 0, r).flip(dim)
+    right = x.narrow(dim, n - r, r).flip(dim)
+    return torch.cat([left, x, right], dim)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian filter of (B, H, W) maps, equal to ``scipy.ndimage.gaussian_filter``
+    on each 2-D map (reflect border, truncate 4), but batched and on the maps' device."""
+    if sigma <= 0:
+        return maps
+    k = _gaussian_kernel(sigma, truncate).to(maps.device)
+    r = (k.numel() - 1) // 2
+    x = maps.float()[:, None]
+    x = _symmetric_pad(x, r, 3)
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = _symmetric_pad(x, r, 2)
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
