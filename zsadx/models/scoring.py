@@ -67,3 +67,24 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     x = _symmetric_pad(x, r, 2)
     x = F.conv2d(x, k.view(1, 1, -1, 1))
     return x[:, 0]
+
+
+# Image-score fusion rules of the seeds (data_eval.md C.3). Each method picks its own; the rule
+# is a method setting, never a per-dataset knob.
+FUSION_RULES = {
+    "global": "the global (CLS) score alone -- AnomalyCLIP, AdaCLIP",
+    "mean-with-max": "w * global + (1 - w) * max of the map -- FAPrompt (w 0.5, patch-level maps), "
+                     "ACD-CLIP (w 0.9 industrial / 0.5 medical, full-resolution map)",
+}
+
+
+def fuse_image_score(global_score: torch.Tensor, maps: torch.Tensor | None, rule: str = "global",
+                     weight: float = 1.0) -> torch.Tensor:
+    """Image score from the global score and (optionally) the max of an anomaly map (B, H, W)."""
+    if rule == "global":
+        return global_score
+    if rule == "mean-with-max":
+        if maps is None:
+            raise ValueError("rule 'mean-with-max' needs the anomaly maps")
+        return weight * global_score + (1.0 - weight) * maps.flatten(1).amax(1)
+    raise ValueError(f"unknown fusion rule '{rule}': {', '.join(FUSION_RULES)}")
