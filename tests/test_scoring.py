@@ -39,7 +39,7 @@ def test_similarity_probs_hand_computed():
     text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # normal, anomalous
     p = similarity_probs(tokens, text, scale=1.0)
     e = np.exp(1.0)
-    assert torch.allclose(p, torch.tensor([[1 / (1 + e), e / (1 + e)]]))
+    assert torch.allclose(p, torch.tensor([[1 / (1 + e), e / (1 + e)]], dtype=torch.float32))
 
 
 def test_prompt_ensemble_is_normalised_mean_and_cached(tiny_backbone):
