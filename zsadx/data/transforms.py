@@ -42,6 +42,7 @@ class EvalTransform:
 
     size: int = 518
     mask_resize: MaskResize = "bilinear"
+    mask_size: int | None = None  # metrics resolution, when it differs from the model input
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
@@ -54,15 +55,16 @@ class EvalTransform:
 
     def mask(self, soft: Image.Image | None, hard: Image.Image | None = None) -> torch.Tensor:
         """Binary mask from the stored soft (bilinear) or hard (nearest) mask; zeros when absent."""
+        size = self.mask_size or self.size
         if soft is None and hard is None:
-            return torch.zeros(self.size, self.size, dtype=torch.uint8)
+            return torch.zeros(size, size, dtype=torch.uint8)
         if self.mask_resize == "nearest":
             src = hard if hard is not None else soft
-            arr = np.asarray(nearest_mask(src, self.size, 127 if hard is None else 0))
+            arr = np.asarray(nearest_mask(src, size, 127 if hard is None else 0))
             return torch.from_numpy((arr > 0).astype(np.uint8))
         src = soft if soft is not None else hard
         m = src.convert("L")
-        if m.size != (self.size, self.size):
-            m = m.resize((self.size, self.size), Image.BILINEAR)
+        if m.size != (size, size):
+            m = m.resize((size, size), Image.BILINEAR)
         # torchvision's ToTensor then "> 0.5", as the seeds do: 8-bit value > 127.5.
         return torch.from_numpy((np.asarray(m) > 127).astype(np.uint8))

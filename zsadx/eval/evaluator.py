@@ -36,6 +36,7 @@ class EvalDataConfig:
     batch_size: int = 8
     num_workers: int = 2
     mask_resize: Literal["bilinear", "nearest"] = "bilinear"
+    reference_split: str = "train"    # where few-shot methods draw their normal references from
 
 
 @dataclass
@@ -95,15 +96,21 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     method = build_method(cfg.method).to(device).eval()
     if cfg.checkpoint:
         method.load_checkpoint(cfg.checkpoint)
-    size = cfg.method.backbone.image_size
+    size = cfg.method.input_size or cfg.method.backbone.image_size
+    eval_size = cfg.method.eval_size or size
     index = load_index(cfg.data.shards)
     groups = [g for g in index["groups"] if g["dataset"] == cfg.data.dataset and g["split"] == cfg.data.split]
     classes = cfg.data.classes or sorted({g["cls"] for g in groups})
     domain = groups[0]["domain"] if groups else "industrial"
     has_masks = any(g["counts"]["masks"] for g in groups)
-    method.prepare(classes, domain)
-    ds = EvalShards(cfg.data.shards, cfg.data.dataset, cfg.data.classes, cfg.data.split,
-                    EvalTransform(size=size, mask_resize=cfg.data.mask_resize))
+    transform = EvalTransform(size=size, mask_resize=cfg.data.mask_resize, mask_size=eval_size)
+    references, reference_keys = None, {}
+    if cfg.method.shots > 0:
+        references, reference_keys = sample_references(cfg.data.shards, cfg.data.dataset, classes, cfg.method.shots,
+                                                       cfg.seed, transform, cfg.data.reference_split)
+        references = {c: r.to(device) for c, r in references.items()}
+    method.prepare(classes, domain, references)
+    ds = EvalShards(cfg.data.shards, cfg.data.dataset, cfg.data.classes, cfg.data.split, transform)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
     acc = {c: ClassMetrics(c, pixel=has_masks) for c in classes}
     scores_out: list[dict] = []
@@ -117,7 +124,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
             pred = method.predict(batch)
         maps = pred.maps.float()
         if not pred.final:
-            maps = upsample(maps, size, cfg.method.align_corners)
+            maps = upsample(maps, eval_size, cfg.method.align_corners)
             maps = gaussian_blur(maps, cfg.method.sigma)
         maps, scores = maps.cpu(), pred.scores.float().cpu()
         t_model += time.perf_counter() - t0
@@ -149,7 +156,8 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     results = {"method": cfg.method.name, "dataset": cfg.data.dataset, "split": cfg.data.split,
                "checkpoint": cfg.checkpoint, "code_version": code_version(), "world_size": world,
                "images": n_images, "classes": classes, "per_class": per_class, "mean": mean,
-               "undefined": undefined, "seconds": round(time.perf_counter() - t_start, 3),
+               "undefined": undefined, "shots": cfg.method.shots, "references": reference_keys,
+               "seconds": round(time.perf_counter() - t_start, 3),
                "model_seconds": round(t_model, 3),
                "images_per_second": round(n_images / t_model, 2) if t_model else None,
                "config": to_dict(cfg)}
@@ -164,6 +172,35 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     if world > 1:
         torch.distributed.barrier()
     return results
+
+
+def sample_references(shards: str, dataset: str, classes: list[str], shots: int, seed: int, transform,
+                      split: str = "train") -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """``shots`` normal images per class from the reference split, chosen by a seeded draw over the
+    sorted sample keys (only the chosen ones are decoded). The same on every rank and machine."""
+    import random
+
+    from zsadx.data.loaders import decode_sample
+    from zsadx.data.shards import ShardError, iter_tar, select_shards
+
+    refs, keys = {}, {}
+    for c in classes:
+        try:
+            shard_refs = select_shards(shards, dataset, [c], split)
+        except ShardError:
+            shard_refs = []
+        raw = {}
+        for ref in shard_refs:
+            for sample in iter_tar(ref.path):
+                if json.loads(sample["json"])["label"] == 0:
+                    raw[sample["__key__"]] = (ref.path, sample)
+        if len(raw) < shots:
+            raise ShardError(f"few-shot needs {shots} normal '{split}' images of class '{c}' in {dataset}, "
+                             f"the shards hold {len(raw)}: use a dataset with a train split or shots=0")
+        chosen = sorted(random.Random(f"{seed}/{dataset}/{c}").sample(sorted(raw), shots))
+        refs[c] = torch.stack([decode_sample(raw[k][1], transform, raw[k][0])["image"] for k in chosen])
+        keys[c] = chosen
+    return refs, keys
 
 
 def write_results(results: dict, path: Path) -> Path:

@@ -29,6 +29,60 @@ class PromptSet:
 # The plain zero-shot CLIP baseline of the papers' tables: one template, one state per side.
 CLIP_BASELINE = PromptSet("clip", ("normal {}",), ("damaged {}",), ("a photo of a {}.",))
 
+# WinCLIP's compositional prompt ensemble (CPE): 7 normal and 4 anomalous states, 22 templates
+# (the paper's list, also FADE's). anomalib and the AnomalyCLIP authors' re-implementation use 21:
+# "a cropped photo of a" is missing and "a jpeg corrupted photo of the" appears twice.
+WINCLIP_NORMAL = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
+                  "{} without damage")
+WINCLIP_ANOMALOUS = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
+WINCLIP_TEMPLATES = (
+    "a cropped photo of the {}.", "a cropped photo of a {}.", "a close-up photo of a {}.",
+    "a close-up photo of the {}.", "a bright photo of a {}.", "a bright photo of the {}.",
+    "a dark photo of the {}.", "a dark photo of a {}.", "a jpeg corrupted photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.", "a blurry photo of a {}.",
+    "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.", "a photo of the small {}.",
+    "a photo of a large {}.", "a photo of the large {}.", "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.", "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.")
+WINCLIP_TEMPLATES_21 = tuple("a jpeg corrupted photo of the {}." if t == "a jpeg corrupted photo of a {}." else t
+                             for t in WINCLIP_TEMPLATES if t != "a cropped photo of a {}.")
+WINCLIP = PromptSet("winclip", WINCLIP_NORMAL, WINCLIP_ANOMALOUS, WINCLIP_TEMPLATES)
+WINCLIP_21 = PromptSet("winclip-21", WINCLIP_NORMAL, WINCLIP_ANOMALOUS, WINCLIP_TEMPLATES_21)
+
+
+def load_prompt_file(path) -> tuple[list[str], list[str]]:
+    """FADE's prompt-file format: {"normal": {"prompts": [...]}, "abnormal": {"prompts": [...]}},
+    sentences with an optional ``{classname}`` placeholder. Files live in ``configs/prompts/``."""
+    import json
+    from pathlib import Path
+
+    from zsadx.config import ConfigError, config_root, suggest
+
+    p = Path(path)
+    if not p.is_file():
+        p = config_root() / "prompts" / (p.name if p.suffix == ".json" else f"{p.name}.json")
+    if not p.is_file():
+        known = sorted(f.stem for f in (config_root() / "prompts").glob("*.json"))
+        raise ConfigError(f"prompt file not found: '{path}'" + suggest(str(path), known)
+                          + f"; in configs/prompts: {', '.join(known)}")
+    data = json.loads(p.read_text())
+    try:
+        return list(data["normal"]["prompts"]), list(data["abnormal"]["prompts"])
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"{p}: expected {{'normal': {{'prompts': [...]}}, 'abnormal': {{'prompts': [...]}}}}") from exc
+
+
+def text_features(backbone, sentences: Sequence[str], normalize_each: bool = True, normalize_mean: bool = True,
+                  batch: int = 256) -> torch.Tensor:
+    """Mean embedding of ``sentences`` with the normalisation choices the seeds differ on."""
+    feats = []
+    with torch.no_grad():
+        for lo in range(0, len(sentences), batch):
+            ids = backbone.tokenize(sentences[lo:lo + batch]).to(backbone.visual.conv1.weight.device)
+            feats.append(backbone.encode_text(ids, normalize=normalize_each).float())
+    mean = torch.cat(feats).mean(0)
+    return F.normalize(mean, dim=-1) if normalize_mean else mean
+
 
 @torch.no_grad()
 def ensemble(backbone, sentences: Sequence[str], batch: int = 256) -> torch.Tensor:

@@ -22,6 +22,12 @@ class MethodConfig:
     # bilinear upsampling to the image size, then a Gaussian of ``sigma`` px (0: none).
     sigma: float = 4.0
     align_corners: bool = False
+    # Sizes: the loader resizes images to ``input_size`` and metrics are computed at ``eval_size``
+    # (both default to backbone.image_size). FADE reads 896 px and evaluates at 448.
+    input_size: Optional[int] = None
+    eval_size: Optional[int] = None
+    # Normal reference images per class from the train split (few-shot); 0 = zero-shot.
+    shots: int = 0
 
 
 @dataclass

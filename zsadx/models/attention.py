@@ -1,0 +1,89 @@
+"""Extra attention paths computed from a block's own weights: helpers and hooks.
+
+Both DPAM (AnomalyCLIP's V-V attention) and GEM (FADE's self-self attention) keep a second token
+stream next to the untouched CLIP stream: at every hooked block the extra stream adds an attention
+output computed from ``LN1`` of the *original* stream, and never goes through the MLP. The hooks
+here implement that once; the streams are tapped by name (``tap_stream='gem'``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsadx.models.backbone import ForwardContext, VisionHook
+
+
+def split_heads(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a residual block's attention for input ``x`` (already LN1-ed): (B, H, L, d) each."""
+    attn = block.attn
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    b, n, _ = x.shape
+    qkv = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
+def merge_heads(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, d) -> out_proj((B, L, H*d))."""
+    b, h, n, d = x.shape
+    return block.attn.out_proj(x.transpose(1, 2).reshape(b, n, h * d))
+
+
+def self_self_attention(block: nn.Module, x: torch.Tensor, iterations: int = 1,
+                        temperature: float | None = None) -> torch.Tensor:
+    """GEM's self-self attention of ``x`` (the LN1 output) with the block's weights.
+
+    q, k and v are each L2-normalised and refined ``iterations`` times by a softmax over their own
+    cosine similarities (a clustering step), normalised again, turned into three attention maps that
+    are all applied to the original v, averaged, and projected by the block's out_proj. The inverse
+    temperature defaults to the mean token norm of ``x`` times head_dim^-1/2 (per image).
+    """
+    q, k, v = split_heads(block, x)
+    scale = q.shape[-1] ** -0.5
+    if temperature is None:
+        inv_temp = x.norm(dim=-1).mean(dim=-1).view(-1, 1, 1, 1) * scale
+    else:
+        inv_temp = 1.0 / temperature
+    feats = [v, k, q]
+    for _ in range(iterations):
+        feats = [F.normalize(f, dim=-1) for f in feats]
+        feats = [(inv_temp * f @ f.transpose(-2, -1)).softmax(-1) @ f for f in feats]
+    feats = [F.normalize(f, dim=-1) for f in feats]
+    out = sum((inv_temp * f @ f.transpose(-2, -1)).softmax(-1) @ v for f in feats) / 3.0
+    return merge_heads(block, out)
+
+
+def value_value_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """DPAM's V-V attention: softmax(V V^T * d^-1/2) V with the block's weights."""
+    _, _, v = split_heads(block, x)
+    attn = (v @ v.transpose(-2, -1) * v.shape[-1] ** -0.5).softmax(-1)
+    return merge_heads(block, attn @ v)
+
+
+class DualStreamHook(VisionHook):
+    """Keeps ``ctx.streams[name]``: from the first hooked block on, it starts as that block's input
+    and accumulates ``path(block, LN1(original))`` at every hooked block (no MLP). The original
+    stream runs unchanged, so CLIP's own outputs stay bit-identical."""
+
+    def __init__(self, name: str, layers: Iterable[int],
+                 path: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.name = name
+        self.layers = frozenset(layers)
+        self.path = path
+
+    def block(self, layer: int, block: nn.Module, x: torch.Tensor, ctx: ForwardContext, call_next) -> torch.Tensor:
+        extra = ctx.streams.get(self.name)
+        if extra is None:
+            extra = x
+        ctx.streams[self.name] = extra + self.path(block, block.ln_1(x))
+        return call_next(x)
+
+
+def gem_hook(first_layer: int, num_layers: int, iterations: int = 1, temperature: float | None = None) -> DualStreamHook:
+    """GEM on blocks first_layer..num_layers (1-based; FADE: 7..12 on ViT-B, gem_depth 7)."""
+    return DualStreamHook("gem", range(first_layer, num_layers + 1),
+                          lambda blk, x: self_self_attention(blk, x, iterations, temperature))
