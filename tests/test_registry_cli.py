@@ -32,9 +32,9 @@ def test_cli_list(capsys):
 
 
 def test_cli_reports_config_errors(capsys, tmp_path):
-    assert main(["demo", f"out_dir={tmp_path}", "backbone.imag_size=3"]) == 2
+    assert main(["demo", f"out_dir={tmp_path}", "image_sise=3"]) == 2
     err = capsys.readouterr().err
-    assert "backbone.imag_size" in err and "did you mean 'image_size'" in err
+    assert "image_sise" in err and "did you mean 'image_size'" in err
 
 
 def test_demo_writes_resolved_config_and_results(tmp_path):
@@ -44,5 +44,9 @@ def test_demo_writes_resolved_config_and_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.yaml").is_file()
     result = json.loads((out / "result.json").read_text())
-    assert result["datasets"]["mvtec-ad"]["images"] == 31 and result["datasets"]["kvasir"]["anomalous"] == 3
-    assert (out / "shards" / "index.json").is_file() and (out / "heatmap.png").is_file()
+    rows = {(r["method"], r["dataset"]) for r in result["table"]}
+    assert rows == {("winclip 0-shot", "mvtec-ad"), ("winclip 0-shot", "bmad-brain"),
+                    ("fade 1-shot", "mvtec-ad"), ("fade 1-shot", "bmad-brain")}
+    assert all(0 <= r["pixel_auroc"] <= 1 for r in result["table"])
+    assert (out / "shards" / "index.json").is_file() and (out / "results" / "fade-zero-shot-mvtec-ad.json").is_file()
+    assert "image_auroc" in proc.stdout and "fade 1-shot" in proc.stdout

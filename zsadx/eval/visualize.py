@@ -35,6 +35,8 @@ def overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5, vmin: float
 
 def overlay_png(path: Path, image: torch.Tensor, amap: torch.Tensor, mask: torch.Tensor | None = None) -> Path:
     img = denormalise(image)
+    if img.shape[:2] != tuple(amap.shape):  # the input may be larger than the evaluation size (FADE)
+        img = np.asarray(Image.fromarray(img).resize((amap.shape[1], amap.shape[0]), Image.BILINEAR))
     panels = [img, overlay(img, amap.float().numpy())]
     if mask is not None:
         panels.append(np.repeat((mask.numpy() > 0).astype(np.uint8)[..., None] * 255, 3, -1))
