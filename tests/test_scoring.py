@@ -55,3 +55,11 @@ def test_prompt_ensemble_is_normalised_mean_and_cached(tiny_backbone):
     cache.get(ps, "bottle")
     assert len(cache) == 1
     assert cache.batch(ps, ["bottle", "bottle"]).shape == (2, 2, feats.shape[-1])
+
+
+def test_prompt_set_sizes_match_the_seeds():
+    from zsadx.models.prompts import PROMPT_SETS
+
+    sizes = {n: (len(p.sentences("x", False)), len(p.sentences("x", True))) for n, p in PROMPT_SETS.items()}
+    assert sizes["winclip"] == (154, 88) and sizes["winclip-21"] == (147, 84)
+    assert sizes["adaclip"] == (28, 20) and sizes["anomalyclip-ensemble"] == (7 * 35, 5 * 35)

@@ -49,6 +49,27 @@ WINCLIP_TEMPLATES_21 = tuple("a jpeg corrupted photo of the {}." if t == "a jpeg
 WINCLIP = PromptSet("winclip", WINCLIP_NORMAL, WINCLIP_ANOMALOUS, WINCLIP_TEMPLATES)
 WINCLIP_21 = PromptSet("winclip-21", WINCLIP_NORMAL, WINCLIP_ANOMALOUS, WINCLIP_TEMPLATES_21)
 
+# AnomalyCLIP's hand-crafted baseline ensemble (encode_text_with_prompt_ensemble) and AdaCLIP's
+# class-aware sets: WinCLIP's states plus "broken {}" on the anomalous side.
+ANOMALY_STATES = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
+IMAGENET_TEMPLATES = (
+    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.", "a cropped photo of the {}.",
+    "a bright photo of a {}.", "a dark photo of the {}.", "a photo of my {}.", "a photo of the cool {}.",
+    "a close-up photo of a {}.", "a black and white photo of the {}.", "a bright photo of the {}.",
+    "a cropped photo of a {}.", "a jpeg corrupted photo of a {}.", "a blurry photo of the {}.", "a photo of the {}.",
+    "a good photo of the {}.", "a photo of one {}.", "a close-up photo of the {}.", "a photo of a {}.",
+    "a low resolution photo of a {}.", "a photo of a large {}.", "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "a good photo of a {}.", "a photo of the small {}.",
+    "a photo of the large {}.", "a black and white photo of a {}.", "a dark photo of a {}.",
+    "a photo of a cool {}.", "a photo of a small {}.", "there is a {} in the scene.",
+    "there is the {} in the scene.", "this is a {} in the scene.", "this is the {} in the scene.",
+    "this is one {} in the scene.")
+ANOMALYCLIP_ENSEMBLE = PromptSet("anomalyclip-ensemble", WINCLIP_NORMAL, ANOMALY_STATES, IMAGENET_TEMPLATES)
+ADACLIP_TEMPLATES = IMAGENET_TEMPLATES[:4]
+ADACLIP = PromptSet("adaclip", WINCLIP_NORMAL, ANOMALY_STATES, ADACLIP_TEMPLATES)
+
+PROMPT_SETS = {p.name: p for p in (CLIP_BASELINE, WINCLIP, WINCLIP_21, ANOMALYCLIP_ENSEMBLE, ADACLIP)}
+
 
 def load_prompt_file(path) -> tuple[list[str], list[str]]:
     """FADE's prompt-file format: {"normal": {"prompts": [...]}, "abnormal": {"prompts": [...]}},
