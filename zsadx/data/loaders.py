@@ -132,11 +132,21 @@ def collate(samples: list[dict]) -> dict:
 
 
 class TrainMixture(IterableDataset):
-    """Infinite, resampled, weighted mixture cut into a fixed number of batches per epoch and rank."""
+    """Infinite, resampled, weighted mixture cut into a fixed number of batches per epoch and rank.
+
+    ``mode='rank'``: every (rank, worker) resamples its own shards -- I/O scales with the ranks.
+    ``mode='global'``: one stream seeded by (seed, epoch) defines global batches of
+    ``batch_size x world`` samples and each rank decodes only its slice, so a run's batches, and
+    hence its weights, do not depend on the number of processes (every rank reads the stream).
+    ``skip_batches`` (set before iterating, for a resumed run) replays the first batches of the
+    epoch without decoding them and yields ``{'_skipped': b}`` markers in their place, so the
+    DataLoader's worker order -- and everything after -- is what the uninterrupted run saw.
+    """
 
     def __init__(self, sources: Sequence[MixtureSource], batch_size: int, batches_per_epoch: int,
                  transform: EvalTransform | None = None, seed: int = 0, shuffle_buffer: int = 256,
-                 max_skips: int = 100, rank: int | None = None, world_size: int | None = None):
+                 max_skips: int = 100, rank: int | None = None, world_size: int | None = None,
+                 mode: str = "rank"):
         if not sources:
             raise ValueError("a training mixture needs at least one source")
         self.sources = list(sources)
@@ -154,7 +164,11 @@ class TrainMixture(IterableDataset):
         self.transform = transform or EvalTransform()
         self.seed, self.shuffle_buffer, self.max_skips = seed, shuffle_buffer, max_skips
         self._rank, self._world = rank, world_size
+        if mode not in ("rank", "global"):
+            raise ValueError(f"mode must be 'rank' or 'global', got {mode!r}")
+        self.mode = mode
         self.epoch = 0
+        self.skip_batches = 0
         self.skipped = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -185,25 +199,57 @@ class TrainMixture(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         rank, world = dist_info(self._rank, self._world)
         wid, nw = worker()
-        rng = np.random.default_rng([self.seed, self.epoch, rank, wid])
-        streams = [self._source_stream(i, np.random.default_rng([self.seed, self.epoch, rank, wid, i]))
-                   for i in range(len(self.sources))]
+        if self.mode == "global":
+            streams_key, take, per_batch = [self.seed, self.epoch], slice(rank * self.batch_size,
+                                                                           (rank + 1) * self.batch_size), \
+                self.batch_size * world
+        else:
+            streams_key, take, per_batch = [self.seed, self.epoch, rank, wid], slice(0, self.batch_size), \
+                self.batch_size
+        rng = np.random.default_rng(streams_key)
+        streams = [self._source_stream(i, np.random.default_rng(streams_key + [i])) for i in range(len(self.sources))]
         # The buffer holds encoded bytes (a few hundred KB each), decoded only when drawn.
         buffer: list[tuple[str, dict]] = []
 
-        def next_sample() -> dict:
-            while True:
-                while len(buffer) < max(1, self.shuffle_buffer):
-                    buffer.append(next(streams[rng.choice(len(streams), p=self.weights)]))
-                j = int(rng.integers(len(buffer)))
-                buffer[j], buffer[-1] = buffer[-1], buffer[j]
-                path, raw = buffer.pop()
+        def next_raw() -> tuple[str, dict]:
+            while len(buffer) < max(1, self.shuffle_buffer):
+                buffer.append(next(streams[rng.choice(len(streams), p=self.weights)]))
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            return buffer.pop()
+
+        def decoded(raw: list[tuple[str, dict]]) -> list[dict]:
+            out, bad = [], 0
+            for path, sample in raw:
                 try:
-                    return decode_sample(raw, self.transform, path)
+                    out.append(decode_sample(sample, self.transform, path))
                 except ShardError as exc:
                     self._skip(exc)
+                    bad += 1
+            # Corrupt samples are replaced by good ones of the same batch, so the shared stream of
+            # global mode stays in step across ranks; a batch with none left draws more.
+            while bad:
+                if out:
+                    out.append(out[bad % len(out)])
+                    bad -= 1
+                    continue
+                path, sample = next_raw()
+                try:
+                    out.append(decode_sample(sample, self.transform, path))
+                    bad -= 1
+                except ShardError as exc:
+                    self._skip(exc)
+            return out
 
         for b in range(self.batches_per_epoch):
-            if b % nw != wid:
+            # In global mode every worker replays the whole stream (raw bytes only) to stay in step.
+            mine = b % nw == wid
+            if self.mode == "rank" and not mine:
                 continue
-            yield collate([next_sample() for _ in range(self.batch_size)])
+            raw = [next_raw() for _ in range(per_batch)]
+            if not mine:
+                continue
+            if b < self.skip_batches:
+                yield {"_skipped": b}
+                continue
+            yield collate(decoded(raw[take]))

@@ -1,0 +1,139 @@
+"""AnomalyCLIP (Zhou et al., ICLR 2024): object-agnostic prompt learning + DPAM, faithful to the
+official code at its current version (zqhang/AnomalyCLIP, after the 2025-04 aliasing fix).
+
+* Vision: frozen; DPAM dual stream from block ``dpam_start`` (1-based; official 6..24 on ViT-L):
+  the V-V stream adds V-V attention of LN1(original stream) at every DPAM block and skips the MLP;
+  local tokens are the tapped V-V stream through the shared ln_post + proj (official: block 24
+  only, local loss x 4, equivalent to the old 4 x block-24 "multi-scale" maps).
+* Global feature: the original stream's CLS through proj *without* ln_post (official quirk, kept
+  by default for checkpoint fidelity; ``cls_ln_post: true`` applies it).
+* Text: "[12 learnable] object." / "[12 learnable] damaged object." (separate contexts, N(0, 0.02)),
+  plus ``deep_depth - 1`` shared deep prompts of ``deep_length`` tokens overwriting positions
+  1..length before text blocks 2..deep_depth (1-based). The dead 8 x Linear(768, 896) projections
+  of the official code are not built.
+* Scores: softmax(cos / 0.07); maps = abnormal probability summed over tapped layers, upsampled
+  bilinearly, Gaussian sigma 4; image score = global only.
+* Loss: lambda * sum_l [focal(M_l) + dice(M_l[1], gt) + dice(M_l[0], 1 - gt)] + CE(global), lambda 4.
+
+Departures (all switchable): deep prompts are not rounded through fp16 unless
+``fp16_deep_prompts: true``; the text tower is frozen explicitly (the official code leaves its
+gradients on, computing and discarding ~123 M gradients per step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsadx.models.attention import DualStreamHook, value_value_attention
+from zsadx.models.losses import cross_entropy, dice_loss, focal_loss
+from zsadx.models.methods import METHODS
+from zsadx.models.methods.base import Method, MethodConfig, Prediction
+from zsadx.models.scoring import upsample
+
+
+@dataclass
+class AnomalyCLIPConfig(MethodConfig):
+    name: str = "anomalyclip"
+    layers: list[int] = field(default_factory=lambda: [24])
+    dpam_start: int = 6
+    n_ctx: int = 12
+    deep_depth: int = 9
+    deep_length: int = 4
+    temperature: float = 0.07
+    local_loss_weight: float = 4.0
+    cls_ln_post: bool = False
+    fp16_deep_prompts: bool = False
+    init_std: float = 0.02
+    sigma: float = 4.0
+
+
+class ObjectAgnosticPrompts(nn.Module):
+    """The two learnable sentences and the shared deep prompts; produces T (2, E), normalised."""
+
+    def __init__(self, backbone, n_ctx: int, deep_depth: int, deep_length: int, std: float, fp16_deep: bool):
+        super().__init__()
+        width = backbone.text_width
+        self.n_ctx, self.fp16_deep = n_ctx, fp16_deep
+        self.ctx_pos = nn.Parameter(torch.randn(n_ctx, width) * std)
+        self.ctx_neg = nn.Parameter(torch.randn(n_ctx, width) * std)
+        self.deep = nn.ParameterList([nn.Parameter(torch.randn(deep_length, width) * std)
+                                      for _ in range(max(0, deep_depth - 1))])
+        if deep_depth - 1 >= backbone.num_text_layers:
+            raise ValueError(f"deep_depth {deep_depth} needs more than {backbone.num_text_layers} text blocks")
+        x = " ".join(["X"] * n_ctx)
+        ids = backbone.tokenize([f"{x} object.", f"{x} damaged object."])
+        self.register_buffer("ids", ids, persistent=False)
+
+    def forward(self, backbone) -> torch.Tensor:
+        ids = self.ids.to(self.ctx_pos.device)
+        emb = backbone.token_embeddings(ids)
+        ctx = torch.stack([self.ctx_pos, self.ctx_neg]).to(emb.dtype)
+        emb = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)
+        deep = {}
+        for i, p in enumerate(self.deep):  # before text blocks 2.. (1-based), i.e. 0-based 1..
+            deep[i + 2] = p.half().to(emb.dtype) if self.fp16_deep else p
+        return F.normalize(backbone.encode_text(ids, embeddings=emb, deep_prompts=deep), dim=-1)
+
+
+class AnomalyCLIP(Method):
+    config_cls = AnomalyCLIPConfig
+    summary = "AnomalyCLIP: object-agnostic learnable prompts + DPAM V-V attention (trained)"
+    trained = True
+
+    def __init__(self, cfg: AnomalyCLIPConfig, backbone=None):
+        super().__init__(cfg, backbone)
+        bb = self.backbone
+        self.layers = bb.check_layers(cfg.layers)
+        bb.check_layers([cfg.dpam_start])
+        if cfg.dpam_start > min(self.layers):
+            raise ValueError(f"tapped layers {self.layers} must come after dpam_start {cfg.dpam_start}")
+        self.dpam = DualStreamHook("vv", range(cfg.dpam_start, bb.num_layers + 1), value_value_attention)
+        self.prompts = ObjectAgnosticPrompts(bb, cfg.n_ctx, cfg.deep_depth, cfg.deep_length, cfg.init_std,
+                                             cfg.fp16_deep_prompts)
+
+    def _vision(self, images: torch.Tensor):
+        bb = self.backbone
+        with torch.no_grad():  # nothing visual is trained: keep no activations for backward
+            out = bb.encode_image(images.to(bb.dtype), layers=self.layers, hooks=[self.dpam], tap_stream="vv")
+            tokens = [F.normalize(bb.project(out.layers[l][:, 1:]).float(), dim=-1) for l in self.layers]
+            cls = out.final[:, 0]
+            g = bb.project(cls, ln=self.cfg.cls_ln_post)
+        return tokens, F.normalize(g.float(), dim=-1), out.grid
+
+    def _probs(self, feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return (feats @ text.float().T / self.cfg.temperature).softmax(-1)
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        return self.loss(batch)
+
+    def loss(self, batch) -> dict[str, torch.Tensor]:
+        images, masks, labels = batch["image"], batch["mask"], batch["label"]
+        tokens, g, grid = self._vision(images)
+        text = self.prompts(self.backbone)
+        size = masks.shape[-2:]
+        local = images.new_zeros((), dtype=torch.float32)
+        gt = masks.to(images.device).long()
+        for t in tokens:
+            p = self._probs(t, text)                                     # (B, N, 2)
+            p = p.transpose(1, 2).reshape(p.shape[0], 2, *grid)
+            p = F.interpolate(p, size=size, mode="bilinear", align_corners=self.cfg.align_corners)
+            local = local + focal_loss(p, gt) + dice_loss(p[:, 1], gt) + dice_loss(p[:, 0], 1 - gt)
+        logits = g @ text.float().T / self.cfg.temperature
+        glob = cross_entropy(logits, labels.to(images.device))
+        total = self.cfg.local_loss_weight * local + glob
+        return {"loss": total, "local": local.detach(), "global": glob.detach()}
+
+    @torch.inference_mode()
+    def predict(self, batch) -> Prediction:
+        tokens, g, grid = self._vision(batch["image"])
+        text = self.prompts(self.backbone)
+        maps = sum(self._probs(t, text)[..., 1] for t in tokens).reshape(-1, *grid)
+        scores = self._probs(g, text)[:, 1]
+        return Prediction(maps=maps, scores=scores)
+
+
+METHODS.register("anomalyclip", AnomalyCLIP)

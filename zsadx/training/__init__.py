@@ -1,0 +1,1 @@
+"""Training of prompts and adapters: config, loop, checkpoints."""

@@ -1,0 +1,275 @@
+"""The training loop: Accelerate (DDP, mixed precision, DeepSpeed ZeRO), checkpoints, resume, signals.
+
+Only the method's trainable parameters reach the optimizer; the frozen backbone is never in
+optimizer state nor in checkpoints. Batches come from the shard mixture in ``global`` mode, so a
+run's weights do not depend on the number of processes, and a resumed run replays the data stream
+to the exact position it stopped at: killed and resumed equals uninterrupted (same seed and world
+size). SIGTERM / SIGUSR1 (SLURM pre-emption) make every rank agree to checkpoint and stop.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from zsadx.config import save_resolved, to_dict
+from zsadx.training import checkpoint as ckpt
+from zsadx.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _worker_init(_: int) -> None:
+    # Data workers leave pre-emption to the main process (SLURM signals every process of a step).
+    for s in PREEMPT_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Without it accelerate leaves the backend unset on CPU and DeepSpeed disagrees on the world size.
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
+                       kwargs_handlers=handlers)
+
+
+def build_optimizer(cfg: TrainConfig, method) -> torch.optim.Optimizer:
+    groups = method.param_groups() if hasattr(method, "param_groups") else {"default": method.trainable_parameters()}
+    unknown = set(cfg.optim.group_lr) - set(groups)
+    if unknown:
+        from zsadx.config import ConfigError, suggest
+
+        name = sorted(unknown)[0]
+        raise ConfigError(f"'optim.group_lr.{name}': {cfg.method.name} has no parameter group '{name}'"
+                          + suggest(name, groups) + f"; groups: {', '.join(groups)}")
+    params = [{"params": list(p), "lr": cfg.optim.group_lr.get(name, cfg.optim.lr), "name": name}
+              for name, p in groups.items() if list(p)]
+    if not params:
+        raise ValueError(f"method '{cfg.method.name}' has no trainable parameters")
+    cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer):
+    gamma = cfg.optim.gamma if cfg.optim.scheduler == "exponential" else 1.0
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+
+
+def build_data(cfg: TrainConfig, rank: int, world: int):
+    from zsadx.data.loaders import MixtureSource, TrainMixture
+    from zsadx.data.shards import select_shards
+    from zsadx.data.transforms import EvalTransform
+
+    d = cfg.data
+    sources = [MixtureSource(s.shards, s.dataset, s.split, s.classes, s.weight) for s in d.sources]
+    bpe = d.batches_per_epoch
+    if bpe is None:
+        total = sum(r.count for s in sources for r in select_shards(s.shards, s.dataset, s.classes, s.split))
+        bpe = max(1, math.ceil(total / (d.batch_size * world)))
+    bpe = math.ceil(bpe / cfg.gradient_accumulation) * cfg.gradient_accumulation  # whole optimizer steps
+    size = cfg.method.input_size or cfg.method.backbone.image_size
+    transform = EvalTransform(size=size, mask_resize=d.mask_resize)
+    return TrainMixture(sources, d.batch_size, bpe, transform, seed=cfg.seed, shuffle_buffer=d.shuffle_buffer,
+                        max_skips=d.max_skips, rank=rank, world_size=world, mode="global")
+
+
+class _Preemption:
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> None:
+        for s in PREEMPT_SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: checkpointing at the end of this step", signum)
+        self.signum = signum
+
+    def agreed(self, accelerator) -> bool:
+        """Every rank stops at the same step if any rank was signalled."""
+        flag = torch.tensor([1.0 if self.signum else 0.0], device=accelerator.device)
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+
+def train(cfg: TrainConfig) -> dict:
+    from accelerate.utils import DistributedType, set_seed
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from zsadx.models.methods.base import build_method
+    from zsadx.version import code_version
+
+    acc = make_accelerator(cfg)
+    is_ds = acc.distributed_type == DistributedType.DEEPSPEED
+    out = Path(cfg.out_dir)
+    if acc.is_main_process:
+        save_resolved(cfg, out)
+    set_seed(cfg.seed)  # same initial prompts/adapters on every rank
+    method = build_method(cfg.method)
+    method.train()
+    method.backbone.eval()  # frozen: no dropout, no batch statistics
+    optimizer = build_optimizer(cfg, method)
+    scheduler = build_scheduler(cfg, optimizer)
+    if is_ds:
+        ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+        ds_cfg["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds_cfg["gradient_accumulation_steps"] = cfg.gradient_accumulation
+        ds_cfg["train_batch_size"] = cfg.data.batch_size * cfg.gradient_accumulation * acc.num_processes
+        ds_cfg.setdefault("zero_allow_untested_optimizer", True)
+        if cfg.optim.grad_clip:
+            ds_cfg["gradient_clipping"] = cfg.optim.grad_clip
+    model, optimizer = acc.prepare(method, optimizer)
+    unwrapped = acc.unwrap_model(model)
+    data = build_data(cfg, acc.process_index, acc.num_processes)
+    n_trainable = sum(p.numel() for p in unwrapped.trainable_parameters())
+
+    epoch, batch_in_epoch, step = 0, 0, 0
+    resume = ckpt.find_resume(out, cfg.resume)
+    if resume is not None:
+        state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
+        if state["world_size"] != acc.num_processes:
+            log.warning("resuming a %d-process run with %d processes: data order changes",
+                        state["world_size"], acc.num_processes)
+        unwrapped.load_trainable_state_dict(state["method"])
+        if is_ds:
+            model.load_checkpoint(str(resume), tag="ds", load_module_strict=False)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        if acc.is_main_process:
+            log.info("resumed from %s (epoch %d, batch %d, step %d)", resume, epoch, batch_in_epoch, step)
+
+    def save(reason: str) -> Path:
+        acc.wait_for_everyone()
+        tmp, final = ckpt.begin(out, step) if acc.is_main_process else (None, None)
+        acc.wait_for_everyone()
+        tmp = tmp or ckpt.checkpoint_dir(out) / f"step-{step:08d}.tmp"
+        final = final or ckpt.checkpoint_dir(out) / f"step-{step:08d}"
+        if is_ds:
+            model.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
+        if acc.is_main_process:
+            state = {"method": unwrapped.trainable_state_dict(),
+                     "optimizer": None if is_ds else optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "epoch": epoch,
+                     "batch_in_epoch": batch_in_epoch, "step": step, "world_size": acc.num_processes,
+                     "reason": reason, "code_version": code_version(), "config": to_dict(cfg)}
+            ckpt.atomic_save(state, tmp / "trainer.pt")
+            ckpt.commit(tmp, final, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+        return final
+
+    pre = _Preemption()
+    pre.install()
+    writer = None
+    if cfg.tensorboard and acc.is_main_process:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard is an optional extra
+            raise RuntimeError("tensorboard: true needs `pip install zsadx[tensorboard]`") from exc
+        writer = SummaryWriter(str(out / "tensorboard"))
+    logf = open(out / "train_log.jsonl", "a") if acc.is_main_process else None
+    total_steps = cfg.epochs * data.batches_per_epoch // cfg.gradient_accumulation
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and acc.is_main_process), unit="step",
+               desc=f"train {cfg.method.name}")
+    t_log, samples_since = time.perf_counter(), 0
+    stopped_by: Optional[int] = None
+    done = step >= total_steps
+    last_saved = step if resume is not None else -1
+    while epoch < cfg.epochs and not done:
+        data.set_epoch(epoch)
+        data.skip_batches = batch_in_epoch
+        loader = DataLoader(data, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=_worker_init)
+        for batch in loader:
+            if "_skipped" in batch:
+                continue
+            with acc.accumulate(model):
+                batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                losses = model(batch)
+                acc.backward(losses["loss"])
+                if acc.sync_gradients and cfg.optim.grad_clip and not is_ds:
+                    acc.clip_grad_norm_(unwrapped.trainable_parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batch_in_epoch += 1
+            samples_since += batch["image"].shape[0] * acc.num_processes
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            bar.update()
+            if step % cfg.log_every == 0 or step == total_steps:
+                loss = acc.reduce(losses["loss"].detach().float(), reduction="mean").item()
+                dt = time.perf_counter() - t_log
+                rec = {"step": step, "epoch": epoch, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                       "samples_per_second": samples_since / dt if dt > 0 else None}
+                rec.update({k: acc.reduce(v.detach().float(), reduction="mean").item()
+                            for k, v in losses.items() if k != "loss"})
+                if logf:
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if writer:
+                    for k, v in rec.items():
+                        if isinstance(v, float) and k not in ("step",):
+                            writer.add_scalar(f"train/{k}", v, step)
+                t_log, samples_since = time.perf_counter(), 0
+            if pre.agreed(acc):
+                stopped_by = pre.signum or signal.SIGTERM
+                save(f"signal {stopped_by}")
+                last_saved = step
+                break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save("periodic")
+                last_saved = step
+            if step >= total_steps:
+                done = True
+                break
+        if stopped_by is not None:
+            break
+        if batch_in_epoch >= data.batches_per_epoch:
+            scheduler.step()
+            epoch, batch_in_epoch = epoch + 1, 0
+            if not cfg.checkpoint_every and not done:
+                save("epoch")
+                last_saved = step
+    bar.close()
+    if stopped_by is None and last_saved != step:
+        save("final")
+    result = {"steps": step, "epochs_done": epoch, "trainable_parameters": n_trainable,
+              "world_size": acc.num_processes, "stopped_by_signal": stopped_by, "code_version": code_version()}
+    if acc.is_main_process:
+        if stopped_by is None:
+            ckpt.atomic_save(unwrapped.trainable_state_dict(), out / "final.pt")
+        (out / "run.json").write_text(json.dumps(result, indent=2))
+        if logf:
+            logf.close()
+        if writer:
+            writer.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    if stopped_by is not None:
+        raise SystemExit(128 + int(stopped_by))
+    return result
