@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.zsadx-installed
+TEST_STAMP := $(VENV)/.zsadx-test-installed
 
 .PHONY: demo test venv clean bench-data bench-metrics
 
@@ -13,15 +14,20 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q $(TORCH_PIN) -e '.[test]'
+	$(PY) -m pip install -q $(TORCH_PIN) -e .
 	touch $(STAMP)
+
+# The tests also need the test tools and DeepSpeed (ZeRO tests run on CPU).
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q $(TORCH_PIN) -e '.[test,deepspeed]'
+	touch $(TEST_STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/zsadx demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q tests
 
 clean:

@@ -24,7 +24,7 @@ def tiny_files(tmp_path_factory, tiny_backbone):
     """The tiny model's weights in the file formats users have: open_clip, OpenAI state dict and JIT."""
     folder = tmp_path_factory.mktemp("weights")
     model = tiny_backbone.clip
-    sd = model.state_dict()
+    sd = tiny_backbone.clip_state_dict()
     files = {"open_clip": folder / "open_clip.pt", "openai_sd": folder / "openai_fp16.pt",
              "openai_jit": folder / "openai_jit.pt", "ddp": folder / "ddp.pt"}
     torch.save(sd, files["open_clip"])
@@ -37,3 +37,59 @@ def tiny_files(tmp_path_factory, tiny_backbone):
     traced = torch.jit.trace_module(model, {"encode_image": torch.zeros(1, 3, 224, 224)}, check_trace=False)
     traced.save(str(files["openai_jit"]))
     return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for tests that start real processes (accelerate launch, the trainer)
+# ----------------------------------------------------------------------------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(nproc: int, module: str, *args: str, accelerate_config: str | None = None) -> list[str]:
+    """A python -m command, under ``accelerate launch`` with ``nproc`` CPU processes when nproc > 1."""
+    if nproc == 1 and accelerate_config is None:
+        return [sys.executable, "-m", module, *args]
+    cfg = accelerate_config or "ddp-cpu-2"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / f"{cfg}.yaml"), "--num_processes", str(nproc),
+            "--main_process_port", str(free_port()), "-m", module, *args]
+
+
+def subprocess_env() -> dict:
+    # One thread per process: two ranks on 2 cores, and bitwise-reproducible CPU kernels.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_checked(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=REPO)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def make_shards(root: Path, datasets: dict[str, int], size: int = 96, seed: int = 1) -> Path:
+    """Synthetic downloads of ``datasets`` ({name: n}) -> manifests -> one shard folder."""
+    from zsadx.data.convert import convert
+    from zsadx.data.shards import write_shards
+    from zsadx.data.synthetic import make_raw
+
+    manifests = []
+    for name, n in datasets.items():
+        make_raw(name, root / "raw" / name, seed=seed, n=n)
+        convert(name, root / "raw" / name, root / "manifests" / name, progress=False)
+        manifests.append((root / "manifests" / name / "manifest.jsonl").read_text())
+    (root / "manifest.jsonl").write_text("".join(manifests))
+    write_shards(root / "manifest.jsonl", root / "shards", size=size, progress=False)
+    return root / "shards"

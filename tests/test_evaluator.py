@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from zsadx.cli import main
 from zsadx.config import ConfigError, load_config, load_yaml
 from zsadx.data.convert import convert
@@ -74,12 +74,6 @@ def test_config_errors_name_the_key(shards, tmp_path):
         cfg_for(shards, "mpdd", tmp_path, **{"method.name": "clipp"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(shards, tmp_path):
     args = ["eval", "--method", "methods/clip-tiny", "--shards", str(shards), "--dataset", "mpdd",
@@ -88,7 +82,7 @@ def test_two_processes_give_the_numbers_of_one(shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "zsadx", *args, "--out", str(tmp_path / "two")]
+           "--main_process_port", str(free_port()), "-m", "zsadx", *args, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "clip-zero-shot-mpdd.json").read_text())

@@ -59,6 +59,9 @@ class BackboneConfig:
     pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     cache_dir: Optional[str] = None
+    # Random weights (pretrained: null) are drawn from this seed, apart from the global RNG, so that a
+    # training run, its evaluation and every rank build the same random CLIP. null: the global RNG.
+    init_seed: Optional[int] = 0
 
     def validate(self) -> None:
         if self.image_size <= 0:
@@ -168,7 +171,10 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
         if cfg.pretrained is not None and ("/" in cfg.pretrained or cfg.pretrained.endswith((".pt", ".bin"))):
             raise FileNotFoundError(f"'backbone.pretrained' looks like a path but no file is there: {cfg.pretrained}")
         _check_model_name(cfg.name)
-        with _quiet_random_init(cfg.pretrained is None):
+        seeded = cfg.pretrained is None and cfg.init_seed is not None
+        with _quiet_random_init(cfg.pretrained is None), torch.random.fork_rng(enabled=seeded, devices=[]):
+            if seeded:
+                torch.manual_seed(cfg.init_seed)
             model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
     if cfg.activation != "auto":
         _set_activation(model, cfg.activation)
@@ -263,6 +269,22 @@ class VisionOutput:
     final: torch.Tensor
 
 
+_SCALARS = ("logit_scale", "logit_bias")
+
+
+def _scalar_parameters_to_buffers(module: nn.Module) -> None:
+    """Frozen 0-dim parameters (``logit_scale``, ``logit_bias``) become buffers of the same name.
+
+    DeepSpeed broadcasts every parameter through a byte view at start-up, which 0-dim tensors
+    cannot give. Non-persistent, so trainer checkpoints hold no backbone tensor at all.
+    """
+    for mod in module.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.dim() == 0:
+                delattr(mod, name)
+                mod.register_buffer(name, p.detach(), persistent=False)
+
+
 class ClipBackbone(nn.Module):
     """A frozen open_clip CLIP with layer taps, positional-embedding resizing and hooks."""
 
@@ -271,6 +293,7 @@ class ClipBackbone(nn.Module):
         self.cfg = cfg
         self.clip = model if model is not None else build_clip(cfg)
         self.clip.requires_grad_(False)
+        _scalar_parameters_to_buffers(self.clip)
         self.clip.to(_DTYPES[cfg.precision])
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         import open_clip
@@ -318,6 +341,14 @@ class ClipBackbone(nn.Module):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The CLIP's weights as open_clip names them, scalars included (for exporting the backbone)."""
+        sd = self.clip.state_dict()
+        for name in _SCALARS:
+            if isinstance(getattr(self.clip, name, None), torch.Tensor):
+                sd[name] = getattr(self.clip, name).detach().clone()
+        return sd
 
     @property
     def dtype(self) -> torch.dtype:

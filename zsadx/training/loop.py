@@ -39,12 +39,16 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    handlers = []
+    handlers, cpu = [], False
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Without it accelerate leaves the backend unset on CPU and DeepSpeed disagrees on the world size.
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # accelerate leaves the backend unset without CUDA, and DeepSpeed then disagrees on the world size.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        else:
+            # Without cpu=True accelerate silently falls back to DistributedType.NO: no gradient sync.
+            cpu = True
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                       kwargs_handlers=handlers)
+                       kwargs_handlers=handlers, cpu=cpu)
 
 
 def build_optimizer(cfg: TrainConfig, method) -> torch.optim.Optimizer:
@@ -156,7 +160,8 @@ def train(cfg: TrainConfig) -> dict:
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        rank_rng = resume / f"rng-rank{acc.process_index}.pt"
+        ckpt.set_rng_state(torch.load(rank_rng, weights_only=False) if rank_rng.is_file() else state["rng"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         if acc.is_main_process:
             log.info("resumed from %s (epoch %d, batch %d, step %d)", resume, epoch, batch_in_epoch, step)
@@ -169,6 +174,7 @@ def train(cfg: TrainConfig) -> dict:
         final = final or ckpt.checkpoint_dir(out) / f"step-{step:08d}"
         if is_ds:
             model.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
+        torch.save(ckpt.rng_state(), tmp / f"rng-rank{acc.process_index}.pt")  # each rank's own generators
         if acc.is_main_process:
             state = {"method": unwrapped.trainable_state_dict(),
                      "optimizer": None if is_ds else optimizer.state_dict(),
