@@ -177,3 +177,13 @@ def test_train_config_errors_name_the_key(shards):
     cfg = load_config(TrainConfig, "train/anomalyclip-tiny", overrides=[src, "optim.group_lr={imagee: 0.1}"])
     with pytest.raises(ConfigError, match="'optim.group_lr.imagee'"):
         build_optimizer(cfg, build_method(cfg.method))
+
+
+def test_params_command_counts_the_trainable_prompts(capsys):
+    from zsadx.cli import main
+
+    assert main(["params", "methods/anomalyclip-tiny"]) == 0
+    out = capsys.readouterr().out
+    # 2 x 4 context tokens + 2 deep prompts x 4 tokens, text width 64 (ViT-L-14-336: 43,008).
+    assert "trainable" in out and out.split("trainable")[1].split()[0] == "1,024"
+    assert "backbone" not in out.split("frozen backbone")[0]

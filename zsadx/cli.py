@@ -41,6 +41,31 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_params(args: argparse.Namespace) -> int:
+    """Trainable parameters of a method as configured (random backbone weights: only shapes matter)."""
+    from dataclasses import replace
+
+    from zsadx.config import load_config, load_yaml
+    from zsadx.eval.evaluator import EvalConfig
+    from zsadx.models.methods.base import build_method
+
+    cfg = load_config(EvalConfig, data={"method": load_yaml(args.method), "data": {"shards": "-", "dataset": "-"}},
+                      overrides=[f"method.{o}" for o in args.overrides]).method
+    cfg.backbone = replace(cfg.backbone, pretrained=None)
+    method = build_method(cfg)
+    groups = method.param_groups() if hasattr(method, "param_groups") else {"all": method.trainable_parameters()}
+    frozen = sum(p.numel() for p in method.backbone.parameters())
+    print(f"{cfg.name} on {cfg.backbone.name} @ {cfg.backbone.image_size}px")
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            print(f"  {name:36s} {str(tuple(p.shape)):>18s} {p.numel():>14,d}")
+    for g, params in groups.items():
+        print(f"{'group ' + g:57s} {sum(p.numel() for p in params):>14,d}")
+    total = sum(p.numel() for p in method.trainable_parameters())
+    print(f"{'trainable':57s} {total:>14,d}\n{'frozen backbone':57s} {frozen:>14,d}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsadx", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -49,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list registered methods, datasets or backbone configs")
     p.add_argument("what", choices=["methods", "datasets", "backbones"])
     p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("params", help="count a method's trainable parameters as configured")
+    p.add_argument("method", help="method config, e.g. methods/anomalyclip")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the method config, e.g. n_ctx=12")
+    p.set_defaults(func=_cmd_params)
 
     from zsadx import demo
 
