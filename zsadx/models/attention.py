@@ -87,3 +87,31 @@ def gem_hook(first_layer: int, num_layers: int, iterations: int = 1, temperature
     """GEM on blocks first_layer..num_layers (1-based; FADE: 7..12 on ViT-B, gem_depth 7)."""
     return DualStreamHook("gem", range(first_layer, num_layers + 1),
                           lambda blk, x: self_self_attention(blk, x, iterations, temperature))
+
+
+class DPAMFeatures(nn.Module):
+    """AnomalyCLIP's visual path, shared by the methods forked from it (FAPrompt).
+
+    V-V dual stream on blocks ``dpam_start``..last; local tokens = the V-V stream of each tapped
+    layer through the shared ``ln_post`` + ``proj``, L2-normalised; global = the original stream's
+    CLS through ``proj`` (``ln_post`` only with ``cls_ln_post``: the official code skips it).
+    Nothing visual is trained, so no activations are kept for backward.
+    """
+
+    def __init__(self, backbone, layers, dpam_start: int, cls_ln_post: bool = False):
+        super().__init__()
+        self.layers = backbone.check_layers(layers)
+        backbone.check_layers([dpam_start])
+        if dpam_start > min(self.layers):
+            raise ValueError(f"tapped layers {self.layers} must come after dpam_start {dpam_start}")
+        self.cls_ln_post = cls_ln_post
+        self.hook = DualStreamHook("vv", range(dpam_start, backbone.num_layers + 1), value_value_attention)
+
+    @torch.no_grad()
+    def forward(self, backbone, images: torch.Tensor):
+        """-> ([(B, N, E) per tapped layer], (B, E) global, grid)"""
+        out = backbone.encode_image(images.to(backbone.dtype), layers=self.layers, hooks=[self.hook],
+                                    tap_stream="vv")
+        tokens = [F.normalize(backbone.project(out.layers[l][:, 1:]).float(), dim=-1) for l in self.layers]
+        g = backbone.project(out.final[:, 0], ln=self.cls_ln_post)
+        return tokens, F.normalize(g.float(), dim=-1), out.grid

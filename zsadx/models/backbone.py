@@ -422,11 +422,15 @@ class ClipBackbone(nn.Module):
         return x, tapped
 
     def encode_image(self, images: torch.Tensor, layers: Sequence[int] = (),
-                     hooks: Sequence[VisionHook] = (), tap_stream: str = "main") -> VisionOutput:
-        """Full vision forward: pooled projected embedding plus the tapped layers (1-based)."""
+                     hooks: Sequence[VisionHook] = (), tap_stream: str = "main",
+                     extras: Optional[dict] = None) -> VisionOutput:
+        """Full vision forward: pooled projected embedding plus the tapped layers (1-based).
+
+        ``extras`` reaches the hooks as ``ctx.extras`` (per-image inputs such as dynamic prompts).
+        """
         layers = self.check_layers(layers)
         x, grid = self.embed_image(images)
-        ctx = ForwardContext(grid=grid, n_tokens=x.shape[1])
+        ctx = ForwardContext(grid=grid, n_tokens=x.shape[1], extras=dict(extras or {}))
         for h in hooks:
             x = h.begin(x, ctx)
         x, tapped = self.run_blocks(x, ctx, hooks, layers, tap_stream)
@@ -470,12 +474,18 @@ class ClipBackbone(nn.Module):
         1..n (right after SOT) at that block's input, as deep prompt tuning does.
         """
         c = self.clip
+        deep_prompts = deep_prompts or {}
         x = self.token_embeddings(ids) if embeddings is None else embeddings.to(self.dtype)
+        eot = ids.argmax(dim=-1)
+        if c.attn_mask is not None:
+            # Causal attention: nothing after the last EOT can reach a pooled token, so the padding
+            # is cut off (77 -> ~15 tokens: several times faster, same result up to float rounding).
+            keep = max(int(eot.max()) + 1, 1 + max((p.shape[-2] for p in deep_prompts.values()), default=0))
+            x = x[:, :keep]
         x = x + c.positional_embedding[: x.shape[1]].to(x.dtype)
         mask = c.attn_mask
         if mask is not None:
             mask = mask[: x.shape[1], : x.shape[1]].to(x.dtype)
-        deep_prompts = deep_prompts or {}
         bad = [l for l in deep_prompts if not 1 <= l <= self.num_text_layers]
         if bad:
             raise ValueError(f"deep prompt layer(s) {bad} out of range 1..{self.num_text_layers}")
@@ -487,7 +497,7 @@ class ClipBackbone(nn.Module):
                 x = torch.cat([x[:, :1], prompt, x[:, 1 + n:]], dim=1)
             x = blk(x, attn_mask=mask)
         x = c.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)] @ c.text_projection
+        x = x[torch.arange(x.shape[0], device=x.device), eot] @ c.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
 

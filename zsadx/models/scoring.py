@@ -88,3 +88,35 @@ def fuse_image_score(global_score: torch.Tensor, maps: torch.Tensor | None, rule
             raise ValueError("rule 'mean-with-max' needs the anomaly maps")
         return weight * global_score + (1.0 - weight) * maps.flatten(1).amax(1)
     raise ValueError(f"unknown fusion rule '{rule}': {', '.join(FUSION_RULES)}")
+
+
+def patch_probs_to_map(probs: torch.Tensor, grid: tuple[int, int], size, align_corners: bool = False) -> torch.Tensor:
+    """(B, N, C) per-patch values -> (B, C, H, W) bilinearly resized to ``size`` (training maps)."""
+    b, n, c = probs.shape
+    x = probs.transpose(1, 2).reshape(b, c, *grid)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def hybrid_semantic_fusion(levels: list[torch.Tensor], anomaly: torch.Tensor, top: int = 100, clusters: int = 20,
+                           init: str = "farthest") -> torch.Tensor:
+    """AdaCLIP's HSF as the official code computes it (not as the paper describes it).
+
+    ``levels``: normalised patch tokens (B, N, E) per tapped level; ``anomaly``: (B, N) per-patch
+    anomaly probability. The ``top`` most anomalous patches (their tokens of all levels side by
+    side) are clustered into ``clusters`` groups; each centroid is its members' mean over all
+    levels, and the result is the L2-normalised mean of the centroids (B, E). Assignments are not
+    differentiated; gradients reach the gathered tokens.
+    """
+    from zsadx.models.clustering import kmeans
+
+    b, n, e = levels[0].shape
+    idx = anomaly.topk(min(top, n), dim=1).indices                         # (B, K), most anomalous first
+    feats = torch.cat([l.gather(1, idx[..., None].expand(-1, -1, e)) for l in levels], dim=-1)
+    labels, _ = kmeans(feats.detach(), clusters, init=init)
+    onehot = F.one_hot(labels, min(clusters, idx.shape[1])).to(feats.dtype)  # (B, K, C)
+    counts = onehot.sum(1)                                                  # (B, C)
+    centroids = (onehot.transpose(1, 2) @ feats) / counts.clamp_min(1)[..., None]
+    centroids = centroids.reshape(b, -1, len(levels), e).mean(2)            # mean over levels too
+    used = (counts > 0).to(feats.dtype)
+    fused = (centroids * used[..., None]).sum(1) / used.sum(1, keepdim=True)
+    return F.normalize(fused, dim=-1)

@@ -22,17 +22,16 @@ gradients on, computing and discarding ~123 M gradients per step).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsadx.models.attention import DualStreamHook, value_value_attention
-from zsadx.models.losses import cross_entropy, dice_loss, focal_loss
+from zsadx.models.attention import DPAMFeatures
+from zsadx.models.losses import cross_entropy, segmentation_loss
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
-from zsadx.models.scoring import upsample
+from zsadx.models.prompt_learning import DeepTextPrompts, placeholder_sentence, splice_tokens
+from zsadx.models.scoring import patch_probs_to_map
 
 
 @dataclass
@@ -57,26 +56,21 @@ class ObjectAgnosticPrompts(nn.Module):
     def __init__(self, backbone, n_ctx: int, deep_depth: int, deep_length: int, std: float, fp16_deep: bool):
         super().__init__()
         width = backbone.text_width
-        self.n_ctx, self.fp16_deep = n_ctx, fp16_deep
+        self.fp16_deep = fp16_deep
         self.ctx_pos = nn.Parameter(torch.randn(n_ctx, width) * std)
         self.ctx_neg = nn.Parameter(torch.randn(n_ctx, width) * std)
-        self.deep = nn.ParameterList([nn.Parameter(torch.randn(deep_length, width) * std)
-                                      for _ in range(max(0, deep_depth - 1))])
         if deep_depth - 1 >= backbone.num_text_layers:
             raise ValueError(f"deep_depth {deep_depth} needs more than {backbone.num_text_layers} text blocks")
-        x = " ".join(["X"] * n_ctx)
-        ids = backbone.tokenize([f"{x} object.", f"{x} damaged object."])
+        # Official "depth 9": prompts before text blocks 2..9 (1-based); block 1 sees the spliced input.
+        self.deep = DeepTextPrompts(width, deep_length, range(2, deep_depth + 1), backbone.num_text_layers, std)
+        ids = backbone.tokenize([placeholder_sentence(n_ctx, "object."), placeholder_sentence(n_ctx, "damaged object.")])
         self.register_buffer("ids", ids, persistent=False)
 
     def forward(self, backbone) -> torch.Tensor:
         ids = self.ids.to(self.ctx_pos.device)
-        emb = backbone.token_embeddings(ids)
-        ctx = torch.stack([self.ctx_pos, self.ctx_neg]).to(emb.dtype)
-        emb = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)
-        deep = {}
-        for i, p in enumerate(self.deep):  # before text blocks 2.. (1-based), i.e. 0-based 1..
-            deep[i + 2] = p.half().to(emb.dtype) if self.fp16_deep else p
-        return F.normalize(backbone.encode_text(ids, embeddings=emb, deep_prompts=deep), dim=-1)
+        emb = splice_tokens(backbone.token_embeddings(ids), torch.stack([self.ctx_pos, self.ctx_neg]))
+        text = backbone.encode_text(ids, embeddings=emb, deep_prompts=self.deep.as_dict(fp16=self.fp16_deep))
+        return F.normalize(text, dim=-1)
 
 
 class AnomalyCLIP(Method):
@@ -86,23 +80,9 @@ class AnomalyCLIP(Method):
 
     def __init__(self, cfg: AnomalyCLIPConfig, backbone=None):
         super().__init__(cfg, backbone)
-        bb = self.backbone
-        self.layers = bb.check_layers(cfg.layers)
-        bb.check_layers([cfg.dpam_start])
-        if cfg.dpam_start > min(self.layers):
-            raise ValueError(f"tapped layers {self.layers} must come after dpam_start {cfg.dpam_start}")
-        self.dpam = DualStreamHook("vv", range(cfg.dpam_start, bb.num_layers + 1), value_value_attention)
-        self.prompts = ObjectAgnosticPrompts(bb, cfg.n_ctx, cfg.deep_depth, cfg.deep_length, cfg.init_std,
+        self.vision = DPAMFeatures(self.backbone, cfg.layers, cfg.dpam_start, cfg.cls_ln_post)
+        self.prompts = ObjectAgnosticPrompts(self.backbone, cfg.n_ctx, cfg.deep_depth, cfg.deep_length, cfg.init_std,
                                              cfg.fp16_deep_prompts)
-
-    def _vision(self, images: torch.Tensor):
-        bb = self.backbone
-        with torch.no_grad():  # nothing visual is trained: keep no activations for backward
-            out = bb.encode_image(images.to(bb.dtype), layers=self.layers, hooks=[self.dpam], tap_stream="vv")
-            tokens = [F.normalize(bb.project(out.layers[l][:, 1:]).float(), dim=-1) for l in self.layers]
-            cls = out.final[:, 0]
-            g = bb.project(cls, ln=self.cfg.cls_ln_post)
-        return tokens, F.normalize(g.float(), dim=-1), out.grid
 
     def _probs(self, feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return (feats @ text.float().T / self.cfg.temperature).softmax(-1)
@@ -112,24 +92,19 @@ class AnomalyCLIP(Method):
 
     def loss(self, batch) -> dict[str, torch.Tensor]:
         images, masks, labels = batch["image"], batch["mask"], batch["label"]
-        tokens, g, grid = self._vision(images)
+        tokens, g, grid = self.vision(self.backbone, images)
         text = self.prompts(self.backbone)
-        size = masks.shape[-2:]
         local = images.new_zeros((), dtype=torch.float32)
-        gt = masks.to(images.device).long()
         for t in tokens:
-            p = self._probs(t, text)                                     # (B, N, 2)
-            p = p.transpose(1, 2).reshape(p.shape[0], 2, *grid)
-            p = F.interpolate(p, size=size, mode="bilinear", align_corners=self.cfg.align_corners)
-            local = local + focal_loss(p, gt) + dice_loss(p[:, 1], gt) + dice_loss(p[:, 0], 1 - gt)
-        logits = g @ text.float().T / self.cfg.temperature
-        glob = cross_entropy(logits, labels.to(images.device))
+            p = patch_probs_to_map(self._probs(t, text), grid, masks.shape[-2:], self.cfg.align_corners)
+            local = local + segmentation_loss(p, masks.to(images.device))
+        glob = cross_entropy(g @ text.float().T / self.cfg.temperature, labels.to(images.device))
         total = self.cfg.local_loss_weight * local + glob
         return {"loss": total, "local": local.detach(), "global": glob.detach()}
 
     @torch.inference_mode()
     def predict(self, batch) -> Prediction:
-        tokens, g, grid = self._vision(batch["image"])
+        tokens, g, grid = self.vision(self.backbone, batch["image"])
         text = self.prompts(self.backbone)
         maps = sum(self._probs(t, text)[..., 1] for t in tokens).reshape(-1, *grid)
         scores = self._probs(g, text)[:, 1]
