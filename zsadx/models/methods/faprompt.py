@@ -9,7 +9,7 @@ tapped, CLS without ln_post), same deep text prompts (depth 9, length 4), temper
 * DAP: the ``dap_topk`` = 10 most abnormal patch tokens under the static prompts, flattened, through
   Linear(10 E, 480) -> ReLU -> Linear(480, D_text) give a per-image prior Omega added to every
   abnormal context token; the prompts re-encoded with it give per-image text T_x. ``L_prior`` =
-  sum over normal images of mean(Omega^2).
+  sum over the normal images of a batch of 8 of mean(Omega^2).
 * Loss: seg(M1) + 0.5 seg(M2) + CE(g T_x / t) + binary focal(score) + 0.1 L_oc + L_prior, with
   M1 / M2 the maps of the static / per-image text and score the test-time image score.
 * Test: map = (M1[ab] + M2[ab]) / 2, sigma 10; score = 0.5 (p_glob(T_x) + (2 max M1 + max M2) / 3),
@@ -19,7 +19,7 @@ Official-code bugs, fixed by default, reproduced by ``paper_compat: true`` (or o
 ``dap_gather: first`` -- the official loop gathers patches 0..9 (top row) instead of the top-k
 indices it computed; ``image_focal_on_logits: true`` -- the binary focal loss is fed the [0, 1]
 score as if it were a logit. Kept as official (they are choices, not bugs): L_oc summed over the 45
-pairs, L_prior summed over normal images. Not built: the 8 dead Linear(768, 896) projections.
+pairs, L_prior summed over the normal images of a batch of 8 (``prior_batch_scale``). Not built: the 8 dead Linear(768, 896) projections.
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ class FAPromptConfig(MethodConfig):
     dap_map_weight: float = 0.5
     orth_loss_weight: float = 0.1
     prior_loss_weight: float = 1.0
+    # The official code sums the prior over the normal images of its batch of 8. zsadx takes the
+    # per-image mean times this number: equal at batch 8, and independent of how a batch is split
+    # over processes (a per-process sum would change with the world size).
+    prior_batch_scale: float = 8.0
     cls_ln_post: bool = False
     fp16_deep_prompts: bool = False
     init_std: float = 0.02
@@ -159,7 +163,7 @@ class FAPrompt(Method):
         img = binary_focal_loss(r["score"], labels, logits=cfg.image_focal_on_logits)
         orth = orthogonality_loss(r["abnormal"])
         normal = (labels == 0).float()
-        prior = ((r["omega"].float() ** 2).mean(1) * normal).sum()
+        prior = ((r["omega"].float() ** 2).mean(1) * normal).mean() * cfg.prior_batch_scale
         total = (seg1 + cfg.dap_map_weight * seg2 + glob + img + cfg.orth_loss_weight * orth
                  + cfg.prior_loss_weight * prior)
         return {"loss": total, "seg_static": seg1.detach(), "seg_dap": seg2.detach(), "global": glob.detach(),
