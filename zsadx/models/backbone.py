@@ -466,12 +466,14 @@ class ClipBackbone(nn.Module):
 
     def encode_text(self, ids: torch.Tensor, embeddings: torch.Tensor | None = None,
                     deep_prompts: dict[int, torch.Tensor] | None = None,
-                    normalize: bool = False) -> torch.Tensor:
+                    normalize: bool = False,
+                    after_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Text embeddings (T, E), pooled at EOT.
 
         ``embeddings`` replaces the token embeddings (same shape (T, L, D_text)); ``deep_prompts``
         maps a 1-based text block to a tensor (n, D) or (T, n, D) that overwrites token positions
-        1..n (right after SOT) at that block's input, as deep prompt tuning does.
+        1..n (right after SOT) at that block's input, as deep prompt tuning does. ``after_block(layer,
+        x)`` may replace each block's output (T, L', D_text) (text adapters; taps by closure).
         """
         c = self.clip
         deep_prompts = deep_prompts or {}
@@ -496,6 +498,8 @@ class ClipBackbone(nn.Module):
                 prompt = prompt.to(x.dtype).expand(x.shape[0], n, x.shape[-1])
                 x = torch.cat([x[:, :1], prompt, x[:, 1 + n:]], dim=1)
             x = blk(x, attn_mask=mask)
+            if after_block is not None:
+                x = after_block(idx + 1, x)
         x = c.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot] @ c.text_projection
         return F.normalize(x, dim=-1) if normalize else x

@@ -68,7 +68,13 @@ ANOMALYCLIP_ENSEMBLE = PromptSet("anomalyclip-ensemble", WINCLIP_NORMAL, ANOMALY
 ADACLIP_TEMPLATES = IMAGENET_TEMPLATES[:4]
 ADACLIP = PromptSet("adaclip", WINCLIP_NORMAL, ANOMALY_STATES, ADACLIP_TEMPLATES)
 
-PROMPT_SETS = {p.name: p for p in (CLIP_BASELINE, WINCLIP, WINCLIP_21, ANOMALYCLIP_ENSEMBLE, ADACLIP)}
+# ACD-CLIP (dataset/info.py PROMPTS): 3 normal and 5 abnormal states x 2 templates, filled with a
+# descriptive class name (configs/prompts/acdclip_class_names.yaml).
+ACDCLIP = PromptSet("acdclip", ("{}", "a {}", "the {}"),
+                    ("a damaged {}", "a broken {}", "a {} with flaw", "a {} with defect", "a {} with damage"),
+                    ("{}.", "a photo of {}."))
+
+PROMPT_SETS = {p.name: p for p in (CLIP_BASELINE, WINCLIP, WINCLIP_21, ANOMALYCLIP_ENSEMBLE, ADACLIP, ACDCLIP)}
 
 
 def load_prompt_file(path) -> tuple[list[str], list[str]]:

@@ -120,3 +120,24 @@ def hybrid_semantic_fusion(levels: list[torch.Tensor], anomaly: torch.Tensor, to
     used = (counts > 0).to(feats.dtype)
     fused = (centroids * used[..., None]).sum(1) / used.sum(1, keepdim=True)
     return F.normalize(fused, dim=-1)
+
+
+def gaussian_blur_kernel(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred with a fixed ``kernel_size`` Gaussian and torch's 'reflect' border (edge
+    not repeated): kornia's ``gaussian_blur2d(border_type='reflect')``, which ACD-CLIP applies to
+    its logit grids. (``gaussian_blur`` is scipy's rule: size from sigma, edge-repeating border.)"""
+    if kernel_size <= 1 or sigma <= 0:
+        return x
+    pos = torch.arange(kernel_size, dtype=torch.float64) - kernel_size // 2
+    if kernel_size % 2 == 0:
+        pos = pos + 0.5
+    k = torch.exp(-pos ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(x.device, x.dtype)
+    c = x.shape[1]
+    r = kernel_size // 2
+    if kernel_size > min(x.shape[-2:]):
+        raise ValueError(f"blur kernel {kernel_size} does not fit a {x.shape[-2]}x{x.shape[-1]} grid "
+                         "(reflect padding needs kernel_size <= grid side)")
+    y = F.pad(x, (r, kernel_size - 1 - r, r, kernel_size - 1 - r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)

@@ -217,8 +217,12 @@ def train(cfg: TrainConfig) -> dict:
                 batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 losses = model(batch)
                 acc.backward(losses["loss"])
-                if acc.sync_gradients and cfg.optim.grad_clip and not is_ds:
-                    acc.clip_grad_norm_(unwrapped.trainable_parameters(), cfg.optim.grad_clip)
+                if acc.sync_gradients and not is_ds:
+                    # Method-specific clipping first (ACD-CLIP clips each blend weight on its own).
+                    for params, max_norm in getattr(unwrapped, "grad_clip_groups", list)():
+                        torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    if cfg.optim.grad_clip:
+                        acc.clip_grad_norm_(unwrapped.trainable_parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             batch_in_epoch += 1
