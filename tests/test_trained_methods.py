@@ -157,7 +157,7 @@ def test_losses_by_hand():
     assert binary_focal_loss(p, torch.tensor([1, 0])).item() == pytest.approx(expect.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ["faprompt-tiny", "adaclip-tiny", "anomalyclip-tiny"])
+@pytest.mark.parametrize("name", ["faprompt-tiny", "adaclip-tiny", "anomalyclip-tiny", "acdclip-tiny"])
 def test_inference_is_batch_size_invariant(name):
     m = method(name)
     for p in m.parameters():  # move away from the init so that every path carries signal
@@ -181,3 +181,117 @@ def test_adaclip_text_depends_on_the_image_and_the_class():
     assert not torch.allclose(t[0], t[1])                                   # dynamic prompts differ
     t2 = m.text(m.backbone, ["metal-nut", "bottle"], e)
     assert not torch.allclose(t2[0], t[0]) and torch.allclose(t2[1], t[1], atol=1e-6)
+
+
+# ---- ACD-CLIP ---------------------------------------------------------------------------------
+
+from zsadx.models.adapters import AdapterBlend, ConvLoRA  # noqa: E402
+from zsadx.models.methods.acdclip import DynamicFusionGateway, VisionAdapterHook, level_blocks  # noqa: E402
+
+
+def test_zero_up_projection_leaves_the_backbone_unchanged(tiny_backbone):
+    bb = tiny_backbone
+    adapters = torch.nn.ModuleList([ConvLoRA(bb.width, rank=4, conv_rank=2, b_init="zeros") for _ in range(2)])
+    images = torch.randn(2, 3, 64, 64)
+    plain = bb.encode_image(images, layers=[2, 4])
+    for mode in ("residual", "blend"):
+        blends = torch.nn.ModuleList([AdapterBlend(bb.width, 0.2, mode) for _ in range(2)])
+        if mode == "blend":
+            for b in blends:  # the official blend scales x by (1 - w): identity only at w = 0
+                b.i_w.data.zero_()
+        hooked = bb.encode_image(images, layers=[2, 4], hooks=[VisionAdapterHook([2, 4], adapters, blends)])
+        for l in (2, 4):
+            torch.testing.assert_close(hooked.layers[l], plain.layers[l])
+        torch.testing.assert_close(hooked.pooled, plain.pooled)
+    assert torch.equal(adapters[0](torch.randn(2, 16, bb.width), (4, 4)), torch.zeros(2, 16, bb.width))
+
+
+def test_conv_lora_sees_the_patch_grid_row_major():
+    # A 3 x 5 grid (not square, so a transposed reshape would fail): one lit patch at (row 1, col 2).
+    d, rows, cols = 2, 3, 5
+    lora = ConvLoRA(d, rank=d, alpha=d ** 0.5, kernels=[3], conv_rank=d, conv_alpha=d)
+    br = lora.conv_lora_blocks[0]
+    with torch.no_grad():
+        br.lora_A.copy_(torch.eye(d))
+        br.lora_B.copy_(torch.eye(d))                           # scale alpha / sqrt(r) = 1
+        shift = torch.zeros(d, d, 3, 3)
+        shift[range(d), range(d), 1, 0] = 1.0                    # output(r, c) = input(r, c - 1): moves right
+        br.conv_lora_A.weight.copy_(shift)
+        centre = torch.zeros(d, d, 3, 3)
+        centre[range(d), range(d), 0, 1] = 1.0                   # output(r, c) = input(r - 1, c): moves down
+        br.conv_lora_B.weight.copy_(centre)                      # conv scale conv_alpha / conv_rank = 1
+        lora.fusion_conv.weight.copy_(torch.eye(d)[:, :, None, None])
+    tokens = torch.zeros(1, rows * cols, d)
+    tokens[0, 1 * cols + 2] = torch.tensor([1.0, -2.0])
+    out = lora(tokens, (rows, cols))
+    lit = torch.nonzero(out[0].abs().sum(-1)).flatten().tolist()
+    assert lit == [2 * cols + 3]                                 # (row 2, col 3)
+    torch.testing.assert_close(out[0, 2 * cols + 3], torch.tensor([1.0, -2.0]))
+
+
+def test_conv_lora_fusion_merges_exactly():
+    torch.manual_seed(0)
+    lora = ConvLoRA(8, rank=4, kernels=[3, 5], conv_rank=2)
+    x = torch.randn(3, 20, 8)
+    before = lora(x, (4, 5))
+    lora.merge_fusion()
+    torch.testing.assert_close(lora(x, (4, 5)), before, atol=1e-6, rtol=1e-5)
+    lora.unmerge()
+    torch.testing.assert_close(lora(x, (4, 5)), before)
+
+
+def test_acdclip_merged_adapters_predict_the_same():
+    m = method("acdclip-tiny")
+    images = torch.randn(2, 3, 64, 64)
+    batch = {"image": images, "cls": ["bottle", "screw"], "dataset": ["mvtec-ad"] * 2, "domain": ["industrial"] * 2}
+    before = m.predict(batch)
+    for a in m.image_adapters:
+        a.merge_fusion()
+    after = m.predict(batch)
+    torch.testing.assert_close(after.maps, before.maps, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(after.scores, before.scores, atol=1e-5, rtol=1e-4)
+
+
+def test_dfg_gating_on_hand_made_inputs():
+    dfg = DynamicFusionGateway(dim=2, hidden=3, n_groups=2)
+    with torch.no_grad():
+        last = dfg.gates[0][2]
+        last.weight.zero_()
+        # r = (level0 normal, level0 abnormal, level1 normal, level1 abnormal)
+        last.bias.copy_(torch.tensor([0.0, 2.0, 0.0, 0.0]))
+    seg = torch.randn(1, 4, 2)
+    text = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]],             # level 0: normal, abnormal
+                          [[3.0, 0.0], [0.0, 5.0]]]])            # level 1
+    w = dfg.weights(0, seg)
+    p = torch.sigmoid(torch.tensor(2.0))                         # softmax(2, 0)[0]
+    torch.testing.assert_close(w[0], torch.tensor([[0.5, p], [0.5, 1 - p]]))
+    mixed = dfg(0, seg, text)[0]
+    torch.testing.assert_close(mixed[0], torch.tensor([0.5 * 1 + 0.5 * 3, 0.0]))
+    torch.testing.assert_close(mixed[1], torch.tensor([0.0, p * 1 + (1 - p) * 5]))
+
+
+def test_acdclip_levels_and_domain_rules():
+    assert level_blocks(24, 4, "image") == [6, 12, 18, 24] and level_blocks(12, 4, "text") == [3, 6, 9, 12]
+    assert level_blocks(24, 6, "image") == [4, 8, 12, 16, 20, 24] and level_blocks(12, 3, "text") == [4, 8, 12]
+    from zsadx.config import ConfigError
+
+    with pytest.raises(ConfigError, match="n_groups"):
+        level_blocks(24, 5, "image")
+    m = method("acdclip-tiny")
+    assert m.image_blocks == [2, 4] and m.text_blocks == [2, 4]
+    assert m.class_names("mvtec-ad", "bottle") == "dark bottle"
+    assert m.class_names("cvc-colondb", "polyp") == "colon endoscopy image"
+    assert m.class_names("mpdd", "metal_plate") == "metal plate"
+    images = torch.randn(2, 3, 64, 64)
+    ind = m.predict({"image": images, "cls": ["x", "x"], "dataset": ["d", "d"], "domain": ["industrial"] * 2})
+    med = m.predict({"image": images, "cls": ["x", "x"], "dataset": ["d", "d"], "domain": ["medical"] * 2})
+    assert not torch.allclose(ind.maps, med.maps)               # different blur per domain
+    assert set(m.param_groups()) == {"image", "text"}
+    assert len(m.grad_clip_groups()) == 4                        # 2 image + 2 text blend weights
+
+
+def test_every_trainable_tensor_is_saved_once():
+    for name in ("acdclip-tiny", "adaclip-tiny", "faprompt-tiny", "anomalyclip-tiny"):
+        m = method(name)
+        state = m.trainable_state_dict()
+        assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in m.trainable_parameters()), name

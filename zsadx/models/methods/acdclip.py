@@ -170,7 +170,9 @@ class ACDCLIP(Method):
         self.text_blends = nn.ModuleList([AdapterBlend(tw, cfg.text_adapt_weight, cfg.adapter_insertion)
                                           for _ in range(n)])
         self.text_norms = nn.ModuleList([nn.LayerNorm(tw) for _ in range(n)])
-        self.vision_hook = VisionAdapterHook(self.image_blocks, self.image_adapters, self.image_blends)
+        # Not registered as a submodule: it only points at the adapters above (no duplicate state keys).
+        object.__setattr__(self, "vision_hook", VisionAdapterHook(self.image_blocks, self.image_adapters,
+                                                                  self.image_blends))
         self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # -- trainer integration --------------------------------------------------------------
