@@ -153,7 +153,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
             t_model = max(t_model, tm)
     per_class = {c: a.compute() for c, a in acc.items()}
     mean, undefined = mean_over_classes(per_class)
-    results = {"method": cfg.method.name, "dataset": cfg.data.dataset, "split": cfg.data.split,
+    results = {"method": cfg.method.name, "dataset": cfg.data.dataset, "domain": domain, "split": cfg.data.split,
                "checkpoint": cfg.checkpoint, "code_version": code_version(), "world_size": world,
                "images": n_images, "classes": classes, "per_class": per_class, "mean": mean,
                "undefined": undefined, "shots": cfg.method.shots, "references": reference_keys,

@@ -1,0 +1,91 @@
+"""``zsadx grid plan|run|status GRID`` and ``zsadx table GRID_OR_RUN_DIR``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("grid", help="plan, run and follow a study grid (submitit: slurm, local or debug)")
+    gsub = p.add_subparsers(dest="grid_command", required=True)
+    for name, help_ in [("plan", "print the cells and what is already done, run nothing"),
+                        ("run", "submit the missing, stale and failed cells (returns once submitted)"),
+                        ("status", "done / running / failed cells, with each failure's log and last error line")]:
+        g = gsub.add_parser(name, help=help_)
+        g.add_argument("grid", help="grid config, e.g. grids/demo")
+        g.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cluster=local seeds=[0,1]")
+        if name == "run":
+            g.add_argument("--force", action="store_true", help="recompute finished cells too")
+            g.add_argument("--wait", action="store_true", help="follow SLURM jobs until they end")
+        g.set_defaults(func=_grid)
+    t = sub.add_parser("table", help="results table of a grid folder or of any folder of results files")
+    t.add_argument("path", help="grid config (grids/NAME), grid output folder, or folder of results files")
+    t.add_argument("--format", default="md", choices=["md", "csv", "tex", "json"])
+    t.add_argument("--metrics", default="image_auroc,image_ap,pixel_auroc,pixel_aupro",
+                   help="comma-separated, e.g. pixel_auroc,pixel_aupro")
+    t.add_argument("--columns", default="method", choices=["method", "train_set", "shots", "seed"],
+                   help="which axis of the cells becomes the columns")
+    t.add_argument("--plot", help="also write a PNG bar chart of the first metric here")
+    t.add_argument("--out", help="write the table to this file instead of stdout")
+    t.set_defaults(func=_table)
+
+
+def _grid(args: argparse.Namespace) -> int:
+    from launch import cache, fanout
+    from launch.grid import expand, load_grid
+
+    t0 = time.perf_counter()
+    plan = expand(load_grid(args.grid, args.overrides))
+    cells = [*plan.train, *plan.evals]
+    if args.grid_command == "run":
+        summary = fanout.run(plan, force=args.force, wait=args.wait)
+        if not summary["train"] and not summary["eval"]:
+            print(f"nothing to do: all {len(cells)} cells are done ({time.perf_counter() - t0:.1f} s)")
+        return 0
+    states = {c.id: cache.state(c) for c in cells}
+    if args.grid_command == "plan":
+        for c in cells:
+            print(f"{states[c.id]:9s} {c.id}")
+    else:  # status
+        for c in cells:
+            marker = cache.read_marker(c.folder) or {}
+            s = states[c.id]
+            line = f"{s:9s} {c.id}"
+            if s in ("failed", "running", "submitted") and marker.get("job_id"):
+                line += f"  [job {marker['job_id']}]"
+            print(line)
+            if s == "failed":
+                print(f"          log: {marker.get('log_file') or marker.get('log')}")
+                print(f"          error: {marker.get('error')}")
+    counts = {}
+    for s in states.values():
+        counts[s] = counts.get(s, 0) + 1
+    print(f"{len(plan.train)} training and {len(plan.evals)} evaluation cells: "
+          + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 1 if args.grid_command == "status" and counts.get("failed") else 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zsadx.eval import tables
+
+    root = Path(args.path)
+    if not root.is_dir():  # a grid config: its output folder
+        from launch.grid import load_grid
+
+        root = Path(load_grid(args.path).out_dir)
+    records = tables.collect(root)
+    if not records:
+        print(f"no finished evaluations under {root}", file=sys.stderr)
+        return 1
+    table = tables.build(records, [m.strip() for m in args.metrics.split(",") if m.strip()], args.columns)
+    text = tables.render(table, args.format)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    if args.plot:
+        print(f"plot: {tables.plot(table, args.plot)}")
+    return 0

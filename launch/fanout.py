@@ -1,0 +1,149 @@
+"""Fan a plan out with submitit: training jobs first, evaluation arrays after them.
+
+* ``slurm``: train cells are submitted (one job each, GPUs per node from the grid's slurm section),
+  then one evaluation array per training job with ``--dependency=afterany:<train job>`` (the eval job
+  checks that its training succeeded and fails with that reason otherwise), plus one array for the
+  evaluations that need no new training. ``run`` returns once everything is submitted.
+* ``local``: the same jobs as local processes (submitit's LocalExecutor), stage after stage.
+* ``debug``: in this process, one after the other (no submitit; for debugging a cell).
+
+Only missing, stale or failed cells are submitted (``force`` resubmits everything).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+from launch import cache
+from launch.grid import EvalCell, Plan, TrainCell
+from launch.jobs import CellJob
+
+
+def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str] = None):
+    import submitit
+
+    g = plan.grid
+    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=g.cluster)
+    s = g.slurm
+    params = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task, "nodes": 1, "tasks_per_node": 1,
+              "name": f"zsadx-{g.name or 'grid'}"}
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    if g.cluster == "slurm":
+        params.update(slurm_array_parallelism=s.array_parallelism)
+        if gpus:
+            params["gpus_per_node"] = gpus
+        for k in ("partition", "account", "qos"):
+            if getattr(s, k):
+                params[f"slurm_{k}"] = getattr(s, k)
+        if s.setup:
+            params["slurm_setup"] = list(s.setup)
+        extra = dict(s.additional)
+        if dependency:
+            extra.update({"dependency": dependency, "kill-on-invalid-dep": "yes"})
+        if extra:
+            params["slurm_additional_parameters"] = extra
+    ex.update_parameters(**params)
+    return ex
+
+
+def _spec(cell, key: Optional[str], processes: int = 1) -> dict:
+    spec = {"id": cell.id, "folder": str(cell.folder), "config": cell.config, "key": key, "method": cell.method,
+            "train_set": cell.train_set, "seed": cell.seed}
+    if isinstance(cell, TrainCell):
+        spec.update(kind="train", processes=processes)
+    else:
+        spec.update(kind="eval", dataset=cell.dataset, shots=cell.shots,
+                    train_folder=str(cell.train.folder) if cell.train else None)
+    return spec
+
+
+def todo(plan: Plan, force: bool = False) -> tuple[list[TrainCell], list[EvalCell]]:
+    trains = [c for c in plan.train if force or cache.state(c) != "done"]
+    retrain = {c.id for c in trains}
+    evals = [c for c in plan.evals if force or (c.train is not None and c.train.id in retrain)
+             or cache.state(c) != "done"]
+    return trains, evals
+
+
+def _submit_array(ex, specs: list[dict]) -> list:
+    if not specs:
+        return []
+    with ex.batch():
+        jobs = [ex.submit(CellJob(s)) for s in specs]
+    for s, j in zip(specs, jobs):
+        cache.write_marker(Path(s["folder"]), id=s["id"], status="submitted", job_id=j.job_id,
+                           log=str(j.paths.stderr), error=None)
+    return jobs
+
+
+def run(plan: Plan, force: bool = False, wait: bool = False, log=print) -> dict:
+    g = plan.grid
+    trains, evals = todo(plan, force)
+    summary = {"train": len(trains), "eval": len(evals), "jobs": []}
+    if not trains and not evals:
+        return summary
+    folder = Path(g.out_dir) / "submitit" / time.strftime("%Y%m%d-%H%M%S")
+    gpus = g.slurm.gpus_per_node if g.cluster == "slurm" else 0
+    procs = max(1, gpus)
+    train_jobs = {}
+    tex = _executor(plan, folder, gpus)
+    if g.cluster == "slurm":
+        for c in trains:
+            (job,) = _submit_array(tex, [_spec(c, None, procs)])
+            train_jobs[c.id] = job
+        by_train: dict[Optional[str], list[dict]] = {}
+        for c in evals:
+            dep = c.train.id if c.train is not None and c.train.id in train_jobs else None
+            by_train.setdefault(dep, []).append(_spec(c, None))
+        eval_jobs = []
+        for dep, specs in by_train.items():
+            ex = _executor(plan, folder, dependency=f"afterany:{train_jobs[dep].job_id}" if dep else None)
+            eval_jobs += _submit_array(ex, specs)
+        summary["jobs"] = [j.job_id for j in (*train_jobs.values(), *eval_jobs)]
+        log(f"submitted {len(train_jobs)} training job(s) and {len(eval_jobs)} evaluation task(s) to SLURM "
+            f"(logs under {folder})")
+        if wait:
+            follow([*train_jobs.values(), *eval_jobs], log)
+        return summary
+    if g.cluster == "debug":  # in this process, in order; failures stay in the markers
+        for spec in [_spec(c, None, 1) for c in trains] + [_spec(c, None) for c in evals]:
+            try:
+                CellJob(spec)()
+            except Exception as exc:  # noqa: BLE001
+                log(f"{spec['id']} failed: {exc}")
+        return summary
+    # local: stage after stage, in this call
+    jobs = _submit_array(tex, [_spec(c, None, 1) for c in trains])
+    follow(jobs, log, label="training")
+    eval_jobs = _submit_array(_executor(plan, folder), [_spec(c, None) for c in evals])
+    follow(eval_jobs, log, label="evaluation")
+    summary["jobs"] = [j.job_id for j in (*jobs, *eval_jobs)]
+    return summary
+
+
+def follow(jobs: list, log=print, label: str = "jobs", poll: float = 2.0) -> None:
+    """Wait for ``jobs``, printing progress; failures are recorded in the markers, never raised."""
+    if not jobs:
+        return
+    t0 = time.time()
+    pending = list(jobs)
+    last = None
+    while pending:
+        still = []
+        for j in pending:
+            if j.done():
+                try:
+                    j.result()
+                except Exception:  # noqa: BLE001 - the cell marker holds the error
+                    pass
+            else:
+                still.append(j)
+        pending = still
+        line = f"{label}: {len(jobs) - len(pending)}/{len(jobs)} finished ({time.time() - t0:.0f} s)"
+        if line != last and (not pending or int(time.time() - t0) % 10 == 0):
+            log(line)
+            last = line
+        if pending:
+            time.sleep(poll)

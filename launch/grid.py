@@ -1,0 +1,224 @@
+"""Grid specs (``configs/grids/*.yaml``) and their expansion into train and eval cells.
+
+A grid is methods x (train set -> test datasets) x seeds (x shots). The (train set -> test
+datasets) pairs come from a protocol:
+
+* ``explicit``: every train set of ``train_sets`` against every dataset of ``test_sets``;
+* ``paper``: MVTec AD's test split -> every other dataset, VisA's test split -> MVTec AD (the
+  AnomalyCLIP / FAPrompt / ACD-CLIP protocol);
+* ``adaclip``: MVTec AD + CVC-ColonDB -> everything else, VisA + CVC-ClinicDB -> MVTec AD and CVC-ColonDB;
+* ``leave-one-domain-out``: all datasets of one domain -> every dataset of the other (both ways);
+* ``leave-one-dataset-out``: all datasets but one -> that one.
+
+Training-free methods skip training: one eval cell per (dataset, seed, shots), whatever the
+protocol. Trained methods get one train cell per (train set, seed) and eval cells that need its
+checkpoint. Nothing here runs anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from zsadx.config import ConfigError, load_config, load_yaml, to_dict
+
+
+@dataclass
+class GridMethod:
+    config: str = ""                      # method config, e.g. methods/winclip-tiny
+    train: Optional[str] = None           # train config for trained methods, e.g. train/anomalyclip-tiny
+    label: Optional[str] = None           # column name in tables (default: the method's name)
+    overrides: list[str] = field(default_factory=list)        # method.* overrides (eval and train)
+    train_overrides: list[str] = field(default_factory=list)  # trainer overrides (max_steps=..., optim.lr=...)
+    shots: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class TrainSet:
+    name: str = ""
+    sources: list[dict] = field(default_factory=list)         # [{dataset, split, classes, weight}]
+
+
+@dataclass
+class ProtocolConfig:
+    type: Literal["explicit", "paper", "adaclip", "leave-one-domain-out", "leave-one-dataset-out"] = "explicit"
+    datasets: list[str] = field(default_factory=list)         # the pool the protocol draws from
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: Optional[float] = None
+    time_min: int = 60
+    array_parallelism: int = 64
+    setup: list[str] = field(default_factory=list)            # shell lines run before each job
+    additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
+
+
+@dataclass
+class GridConfig:
+    name: str = ""
+    out_dir: str = "runs/grids/grid"
+    shards: str = "data/shards"           # shard root holding every dataset of the grid
+    methods: list[GridMethod] = field(default_factory=list)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    train_sets: list[TrainSet] = field(default_factory=list)  # for protocol 'explicit'
+    test_sets: list[str] = field(default_factory=list)        # for protocol 'explicit'
+    seeds: list[int] = field(default_factory=lambda: [0])
+    eval_overrides: list[str] = field(default_factory=list)   # EvalConfig overrides (data.batch_size=...)
+    cluster: Literal["slurm", "local", "debug"] = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def validate(self) -> None:
+        if not self.methods:
+            raise ConfigError("'methods' is empty: name at least one {config: methods/...}")
+        for i, m in enumerate(self.methods):
+            if not m.config:
+                raise ConfigError(f"'methods[{i}].config' is required")
+        if not self.seeds:
+            raise ConfigError("'seeds' is empty")
+
+
+@dataclass(frozen=True)
+class Pairing:
+    train_set: TrainSet
+    tests: tuple[str, ...]
+
+
+def _domain(dataset: str) -> str:
+    from zsadx.data.catalog import load_all
+
+    return load_all().get(dataset).entry.domain
+
+
+def _test_split_set(*datasets: str) -> TrainSet:
+    return TrainSet(name="+".join(datasets), sources=[{"dataset": d, "split": "test"} for d in datasets])
+
+
+def protocol_pairings(cfg: GridConfig) -> list[Pairing]:
+    """(train set -> test datasets) pairs of the grid's protocol."""
+    p = cfg.protocol
+    pool = list(dict.fromkeys(p.datasets or cfg.test_sets))
+    if p.type == "explicit":
+        if not cfg.train_sets and any(m.train for m in cfg.methods):
+            raise ConfigError("protocol 'explicit' with trained methods needs 'train_sets'")
+        return [Pairing(ts, tuple(cfg.test_sets)) for ts in cfg.train_sets] or [Pairing(TrainSet("none"), tuple(cfg.test_sets))]
+    if p.type == "paper":
+        out = [Pairing(_test_split_set("mvtec-ad"), tuple(d for d in pool if d != "mvtec-ad"))]
+        if "mvtec-ad" in pool:
+            out.append(Pairing(_test_split_set("visa"), ("mvtec-ad",)))
+        return [x for x in out if x.tests]
+    if p.type == "adaclip":
+        special = ("mvtec-ad", "cvc-colondb")
+        out = [Pairing(_test_split_set("mvtec-ad", "cvc-colondb"), tuple(d for d in pool if d not in special)),
+               Pairing(_test_split_set("visa", "cvc-clinicdb"), tuple(d for d in pool if d in special))]
+        return [x for x in out if x.tests]
+    if p.type == "leave-one-domain-out":
+        by_domain: dict[str, list[str]] = {}
+        for d in pool:
+            by_domain.setdefault(_domain(d), []).append(d)
+        if len(by_domain) < 2:
+            raise ConfigError("protocol 'leave-one-domain-out' needs datasets of two domains in 'protocol.datasets'")
+        return [Pairing(_test_split_set(*train), tuple(d for o, ds in by_domain.items() if o != dom for d in ds))
+                for dom, train in by_domain.items()]
+    if p.type == "leave-one-dataset-out":
+        if len(pool) < 2:
+            raise ConfigError("protocol 'leave-one-dataset-out' needs at least two datasets")
+        return [Pairing(_test_split_set(*(d for d in pool if d != held)), (held,)) for held in pool]
+    raise ConfigError(f"'protocol.type': unknown protocol '{p.type}'")
+
+
+@dataclass
+class TrainCell:
+    method: str          # label
+    train_set: str
+    seed: int
+    config: dict         # resolved TrainConfig as a dict
+    folder: Path
+
+    @property
+    def id(self) -> str:
+        return f"train/{self.method}/{self.train_set}/seed{self.seed}"
+
+
+@dataclass
+class EvalCell:
+    method: str
+    train_set: str       # 'zero-shot' for training-free methods
+    dataset: str
+    seed: int
+    shots: int
+    config: dict         # resolved EvalConfig as a dict (checkpoint filled in from the train cell)
+    folder: Path
+    train: Optional[TrainCell] = None
+
+    @property
+    def id(self) -> str:
+        shot = f"-{self.shots}shot" if self.shots else ""
+        return f"eval/{self.method}/{self.train_set}/{self.dataset}/seed{self.seed}{shot}"
+
+
+@dataclass
+class Plan:
+    grid: GridConfig
+    train: list[TrainCell]
+    evals: list[EvalCell]
+
+
+def _method_name(m: GridMethod) -> str:
+    return m.label or load_yaml(m.config).get("name", Path(m.config).stem)
+
+
+def expand(cfg: GridConfig) -> Plan:
+    """The grid's cells with fully resolved configs (fails on any bad key before anything runs)."""
+    from zsadx.eval.evaluator import EvalConfig
+    from zsadx.training.config import TrainConfig
+
+    out = Path(cfg.out_dir)
+    pairings = protocol_pairings(cfg)
+    trains: dict[str, TrainCell] = {}
+    evals: dict[str, EvalCell] = {}
+    for m, seed in itertools.product(cfg.methods, cfg.seeds):
+        label = _method_name(m)
+        method_over = [f"method.{o}" for o in m.overrides]
+        for pairing in (pairings if m.train else [Pairing(TrainSet("zero-shot"), tuple(
+                dict.fromkeys(d for p in pairings for d in p.tests)))]):
+            tcell = None
+            if m.train:
+                ts = pairing.train_set
+                sources = [{"shards": cfg.shards, "split": "test", **s} for s in ts.sources]
+                tfolder = out / "train" / label / ts.name / f"seed{seed}"
+                tcfg = load_config(TrainConfig, m.train, overrides=[
+                    *method_over, *m.train_overrides, f"seed={seed}", f"out_dir={tfolder / 'run'}",
+                    "resume=latest", "progress=false", "data.sources=" + json.dumps(sources)])
+                tcell = TrainCell(label, ts.name, seed, to_dict(tcfg), tfolder)
+                trains.setdefault(tcell.id, tcell)
+            for dataset, shots in itertools.product(pairing.tests, m.shots):
+                folder = out / "eval" / label / pairing.train_set.name / dataset / (
+                    f"seed{seed}" + (f"-{shots}shot" if shots else ""))
+                ecfg = load_config(EvalConfig, data={"method": load_yaml(m.config)}, overrides=[
+                    *method_over, f"method.shots={shots}", *cfg.eval_overrides, f"seed={seed}",
+                    f"data.shards={cfg.shards}", f"data.dataset={dataset}", f"out_dir={folder}"])
+                if tcell is not None:  # the trained method's own config, so the checkpoint fits
+                    ecfg.method = load_config(TrainConfig, data=tcell.config).method
+                    ecfg.method.shots = shots
+                    ecfg.checkpoint = str(tcell.folder / "run" / "final.pt")
+                cell = EvalCell(label, pairing.train_set.name, dataset, seed, shots, to_dict(ecfg), folder, tcell)
+                evals.setdefault(cell.id, cell)
+    return Plan(cfg, list(trains.values()), list(evals.values()))
+
+
+def load_grid(path: str, overrides=()) -> GridConfig:
+    return load_config(GridConfig, path, overrides=overrides)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

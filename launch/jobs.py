@@ -1,0 +1,123 @@
+"""Job entry points: what one SLURM (or local) job runs for one cell.
+
+``CellJob`` is a submitit checkpointable callable. A train cell runs the trainer as a child process
+(``accelerate launch`` over the job's GPUs when there are several) with ``resume: latest``; on
+pre-emption or time-out submitit calls ``checkpoint``, which forwards SIGTERM to the trainer (it
+saves a step checkpoint and exits) and requeues the same job, which resumes from there. An eval
+cell runs the evaluator in-process. Every job writes its cell marker (running, then done or failed
+with the last error line), so a failing cell never stops the others and ``zsadx grid status`` can
+say what went wrong.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from launch import cache
+
+
+def _last_error_line(text: str) -> str:
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "error:" in line or "Exception" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else ""
+
+
+def _log_path() -> Optional[str]:
+    try:
+        import submitit
+
+        return str(submitit.JobEnvironment().paths.stderr)
+    except Exception:  # noqa: BLE001 - not inside a submitit job (debug executor, direct call)
+        return None
+
+
+class CellJob:
+    """Run one cell: ``spec`` = {kind, id, folder, config, key, processes}."""
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+        self._child: Optional[subprocess.Popen] = None
+
+    def __call__(self) -> dict:
+        spec, folder = self.spec, Path(self.spec["folder"])
+        t0 = time.time()
+        cache.write_marker(folder, id=spec["id"], status="running", key=spec.get("key"), host=os.uname().nodename,
+                           log=_log_path(), error=None)
+        try:
+            result = self._train(folder) if spec["kind"] == "train" else self._eval(folder)
+        except BaseException as exc:  # noqa: BLE001 - record every failure, then let the scheduler see it
+            cache.write_marker(folder, status="failed", error=_last_error_line(
+                getattr(exc, "log_tail", "") or "".join(traceback.format_exception_only(type(exc), exc))),
+                seconds=round(time.time() - t0, 2))
+            raise
+        cache.write_marker(folder, status="done", key=result.pop("key"), seconds=round(time.time() - t0, 2), **result)
+        return result
+
+    # -- train ------------------------------------------------------------------------------
+    def _train(self, folder: Path) -> dict:
+        from launch.grid import TrainCell
+
+        spec = self.spec
+        cfg_file = folder / "train.yaml"
+        cfg_file.write_text(yaml.safe_dump(spec["config"], sort_keys=False))
+        nproc = int(spec.get("processes", 1))
+        args = ["-m", "zsadx.train", "--config", str(cfg_file)]
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+                   *args[0:]]
+        else:
+            cmd = [sys.executable, *args]
+        log = folder / "train.log"
+        with open(log, "a") as f:
+            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            rc = self._child.wait()
+        self._child = None
+        if rc != 0:
+            exc = RuntimeError(f"training exited with {rc}; log: {log}")
+            exc.log_tail = log.read_text()[-20000:]
+            raise exc
+        cell = TrainCell(spec["method"], spec["train_set"], spec["seed"], spec["config"], folder)
+        return {"key": cache.train_key(cell), "checkpoint": spec["config"]["out_dir"] + "/final.pt", "log_file": str(log)}
+
+    # -- eval -------------------------------------------------------------------------------
+    def _eval(self, folder: Path) -> dict:
+        from launch.grid import EvalCell
+        from zsadx.config import load_config
+        from zsadx.eval.evaluator import EvalConfig, evaluate
+
+        spec = self.spec
+        if spec.get("train_folder"):
+            marker = cache.read_marker(Path(spec["train_folder"])) or {}
+            if marker.get("status") != "done":
+                raise RuntimeError(f"its training cell {spec['train_folder']} is {marker.get('status', 'missing')}")
+        cfg = load_config(EvalConfig, data=spec["config"])
+        result = evaluate(cfg)
+        from zsadx.eval.evaluator import results_name
+
+        cell = EvalCell(spec["method"], spec["train_set"], spec["dataset"], spec["seed"], spec["shots"],
+                        spec["config"], folder)
+        return {"key": cache.eval_key(cell), "result": str(folder / results_name(cfg)),
+                "mean": result["mean"] if result else None}
+
+    # -- submitit checkpointing -------------------------------------------------------------
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self._child is not None and self._child.poll() is None:
+            self._child.send_signal(signal.SIGTERM)  # the trainer saves a step checkpoint and exits
+            try:
+                self._child.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+        cache.write_marker(Path(self.spec["folder"]), status="submitted", error="requeued after pre-emption")
+        return submitit.helpers.DelayedSubmission(CellJob(self.spec))

@@ -1,0 +1,202 @@
+"""Paper-style results tables from finished evaluation cells (or any folder of results files).
+
+Rows: datasets grouped by domain (industrial first), with a per-domain average row; columns: one
+axis of the cells (method by default; or train_set, shots, seed); each cell: the chosen metrics
+(e.g. image AUROC / AP) as mean over seeds (with std when there are several), x100. The best value
+per row and metric is bold. Missing cells (not run, failed, undefined metric) show as '-'.
+Formats: md, csv, tex, json; ``plot`` draws a grouped bar chart (PNG) of the first metric.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+DOMAIN_ORDER = ("industrial", "medical")
+
+
+@dataclass
+class Record:
+    method: str
+    train_set: str
+    dataset: str
+    domain: str
+    seed: int
+    shots: int
+    metrics: dict
+
+
+def collect(root: str | Path) -> list[Record]:
+    """Finished cells under a grid folder (cell markers), else plain results files of ``zsadx eval``."""
+    root = Path(root)
+    records = []
+    markers = sorted(root.rglob("cell.json"))
+    if markers:
+        for m in markers:
+            data = json.loads(m.read_text())
+            if data.get("status") != "done" or not data.get("result"):
+                continue
+            res = json.loads(Path(data["result"]).read_text())
+            parts = data["id"].split("/")  # eval/<method>/<train_set>/<dataset>/seed<k>[-<n>shot]
+            if parts[0] != "eval":
+                continue
+            seed_part = parts[4]
+            seed = int(seed_part.split("-")[0][4:])
+            shots = int(seed_part.split("-")[1].removesuffix("shot")) if "-" in seed_part else 0
+            records.append(Record(parts[1], parts[2], parts[3], res.get("domain", "industrial"), seed, shots,
+                                  res["mean"]))
+        return records
+    for f in sorted(root.rglob("*.json")):
+        try:
+            res = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if not isinstance(res, dict) or "mean" not in res or "dataset" not in res:
+            continue
+        cfg = res.get("config", {})
+        method = cfg.get("method", {}).get("name", res.get("method", "?"))
+        records.append(Record(method, Path(cfg.get("checkpoint") or "zero-shot").stem, res["dataset"],
+                              res.get("domain", "industrial"), int(cfg.get("seed", 0)),
+                              int(cfg.get("method", {}).get("shots", 0)), res["mean"]))
+    return records
+
+
+@dataclass
+class Table:
+    metrics: tuple[str, ...]
+    columns: list[str]
+    rows: list[tuple[str, str]]                            # (domain, dataset or 'average')
+    cells: dict[tuple[str, str], list[Optional[tuple[float, Optional[float]]]]]  # (row dataset, col) -> per metric
+
+
+def _value(v) -> Optional[float]:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def build(records: Sequence[Record], metrics: Sequence[str], axis: str = "method",
+          columns: Optional[Sequence[str]] = None) -> Table:
+    cols = list(columns) if columns else list(dict.fromkeys(str(getattr(r, axis)) for r in records))
+    domains: dict[str, list[str]] = {}
+    for r in records:
+        domains.setdefault(r.domain, [])
+        if r.dataset not in domains[r.domain]:
+            domains[r.domain].append(r.dataset)
+    order = sorted(domains, key=lambda d: (DOMAIN_ORDER.index(d) if d in DOMAIN_ORDER else 9, d))
+    rows, cells = [], {}
+    for dom in order:
+        for ds in domains[dom]:
+            rows.append((dom, ds))
+            for c in cols:
+                per_metric = []
+                for m in metrics:
+                    vals = [_value(r.metrics.get(m)) for r in records
+                            if r.dataset == ds and str(getattr(r, axis)) == c]
+                    vals = [v for v in vals if v is not None]
+                    per_metric.append((statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
+                                      if vals else None)
+                cells[(ds, c)] = per_metric
+        rows.append((dom, f"{dom} average"))
+        for c in cols:
+            per_metric = []
+            for i in range(len(metrics)):
+                vals = [cells[(ds, c)][i][0] for ds in domains[dom] if cells[(ds, c)][i] is not None]
+                # An average over fewer datasets than the domain has would not be comparable.
+                per_metric.append((statistics.fmean(vals), None) if len(vals) == len(domains[dom]) else None)
+            cells[(f"{dom} average", c)] = per_metric
+    return Table(tuple(metrics), cols, rows, cells)
+
+
+def _fmt(v: Optional[tuple[float, Optional[float]]], bold: bool, fmt: str) -> str:
+    if v is None:
+        return "-"
+    s = f"{100 * v[0]:.1f}" + (f"±{100 * v[1]:.1f}" if v[1] is not None else "")
+    if bold:
+        return {"md": f"**{s}**", "tex": f"\\textbf{{{s}}}"}.get(fmt, s)
+    return s
+
+
+def _best(table: Table, row: str, i: int) -> Optional[float]:
+    vals = [table.cells[(row, c)][i][0] for c in table.columns if table.cells[(row, c)][i] is not None]
+    return max(vals) if len(vals) > 1 else None
+
+
+def render(table: Table, fmt: str = "md") -> str:
+    if fmt == "json":
+        return json.dumps({"metrics": table.metrics, "columns": table.columns,
+                           "rows": [{"domain": d, "dataset": r, **{c: table.cells[(r, c)] for c in table.columns}}
+                                    for d, r in table.rows]}, indent=2)
+    head = ["domain", "dataset", *table.columns]
+    body = []
+    for dom, row in table.rows:
+        cells = []
+        for c in table.columns:
+            parts = []
+            for i, v in enumerate(table.cells[(row, c)]):
+                best = _best(table, row, i)
+                parts.append(_fmt(v, best is not None and v is not None and v[0] == best, fmt))
+            cells.append(" / ".join(parts))
+        body.append([dom, row, *cells])
+    caption = " / ".join(table.metrics) + " (x100; mean±std over seeds; '-' = missing)"
+    if fmt == "csv":
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(head)
+        w.writerows(body)
+        return buf.getvalue()
+    if fmt == "tex":
+        lines = ["\\begin{tabular}{ll" + "c" * len(table.columns) + "}", "\\toprule",
+                 " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
+        for r in body:
+            lines.append(" & ".join(_tex(x) if not x.startswith("\\textbf") else x for x in r) + " \\\\")
+            if r[1].endswith("average"):
+                lines.append("\\midrule")
+        lines += ["\\bottomrule", "\\end{tabular}", f"% {caption}"]
+        return "\n".join(lines)
+    if fmt != "md":
+        raise ValueError(f"unknown table format '{fmt}' (md, csv, tex, json)")
+    out = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+    out += [f"| {' | '.join(r)} |" for r in body]
+    return "\n".join(out) + f"\n\n{caption}\n"
+
+
+def _tex(s: str) -> str:
+    return s.replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")
+
+
+def plot(table: Table, path: str | Path, metric_index: int = 0) -> Path:
+    """Grouped bar chart of one metric: a group per dataset row, a bar per column (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for _, r in table.rows]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    bar, gap, h, top, left = 14, 16, 300, 30, 50
+    width = left + len(rows) * (len(table.columns) * bar + gap) + 180
+    img = Image.new("RGB", (width, h + top + 110), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), f"{table.metrics[metric_index]} (x100)", fill="black")
+    for y in range(0, 101, 25):
+        yy = top + h - int(h * y / 100)
+        d.line([(left - 4, yy), (width - 180, yy)], fill=(220, 220, 220))
+        d.text((8, yy - 6), str(y), fill="black")
+    x = left
+    for r in rows:
+        for j, c in enumerate(table.columns):
+            v = table.cells[(r, c)][metric_index]
+            if v is not None:
+                d.rectangle([x, top + h - int(h * v[0]), x + bar - 2, top + h], fill=colours[j % len(colours)])
+            x += bar
+        d.text((x - len(table.columns) * bar, top + h + 6), r[:14], fill="black")
+        x += gap
+    for j, c in enumerate(table.columns):
+        d.rectangle([width - 170, top + 18 * j, width - 160, top + 18 * j + 10], fill=colours[j % len(colours)])
+        d.text((width - 155, top + 18 * j - 2), c[:24], fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
