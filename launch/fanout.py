@@ -105,7 +105,7 @@ def run(plan: Plan, force: bool = False, wait: bool = False, log=print) -> dict:
         log(f"submitted {len(train_jobs)} training job(s) and {len(eval_jobs)} evaluation task(s) to SLURM "
             f"(logs under {folder})")
         if wait:
-            follow([*train_jobs.values(), *eval_jobs], log)
+            follow_markers([Path(c.folder) for c in (*trains, *evals)], log)
         return summary
     if g.cluster == "debug":  # in this process, in order; failures stay in the markers
         for spec in [_spec(c, None, 1) for c in trains] + [_spec(c, None) for c in evals]:
@@ -147,3 +147,31 @@ def follow(jobs: list, log=print, label: str = "jobs", poll: float = 2.0) -> Non
             last = line
         if pending:
             time.sleep(poll)
+
+
+def follow_markers(folders: list[Path], log=print, poll: float = 3.0) -> None:
+    """Follow SLURM cells through their markers (no sacct needed: clusters without accounting work);
+    a cell whose job left the queue without a final marker is marked failed ('lost')."""
+    import subprocess
+
+    t0, last = time.time(), None
+    while True:
+        markers = [cache.read_marker(f) or {} for f in folders]
+        open_ = [(f, m) for f, m in zip(folders, markers) if m.get("status") not in ("done", "failed")]
+        if open_:
+            queued = set(subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split())
+            for f, m in open_:
+                job = str(m.get("job_id", ""))
+                if job and job not in queued:
+                    time.sleep(1.0)  # the job may be writing its marker right now
+                    if (cache.read_marker(f) or {}).get("status") not in ("done", "failed"):
+                        cache.write_marker(f, status="failed", error=f"job {job} left the queue without a result")
+        done = sum(m.get("status") == "done" for m in markers)
+        failed = sum(m.get("status") == "failed" for m in markers)
+        line = f"cells: {done} done, {failed} failed, {len(folders) - done - failed} queued or running"
+        if line != last:
+            log(f"{line} ({time.time() - t0:.0f} s)")
+            last = line
+        if not open_:
+            return
+        time.sleep(poll)

@@ -175,9 +175,10 @@ def plot(table: Table, path: str | Path, metric_index: int = 0) -> Path:
 
     rows = [r for _, r in table.rows]
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    bar, gap, h, top, left = 14, 16, 300, 30, 50
+    bar, h, top, left = 14, 300, 30, 50
+    gap = max(16, 84 - len(table.columns) * bar)   # room for the row label under each group
     width = left + len(rows) * (len(table.columns) * bar + gap) + 180
-    img = Image.new("RGB", (width, h + top + 110), "white")
+    img = Image.new("RGB", (width, h + top + 30), "white")
     d = ImageDraw.Draw(img)
     d.text((left, 8), f"{table.metrics[metric_index]} (x100)", fill="black")
     for y in range(0, 101, 25):
@@ -191,7 +192,7 @@ def plot(table: Table, path: str | Path, metric_index: int = 0) -> Path:
             if v is not None:
                 d.rectangle([x, top + h - int(h * v[0]), x + bar - 2, top + h], fill=colours[j % len(colours)])
             x += bar
-        d.text((x - len(table.columns) * bar, top + h + 6), r[:14], fill="black")
+        d.text((x - len(table.columns) * bar, top + h + 6), r.replace(" average", " avg")[:14], fill="black")
         x += gap
     for j, c in enumerate(table.columns):
         d.rectangle([width - 170, top + 18 * j, width - 160, top + 18 * j + 10], fill=colours[j % len(colours)])

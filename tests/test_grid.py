@@ -1,0 +1,198 @@
+"""Study grids: protocol expansion, skip-done cache keys, tables, and a real SLURM end-to-end run."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, make_shards, subprocess_env
+from launch import cache
+from launch.grid import GridConfig, expand, load_grid, protocol_pairings
+from zsadx.config import ConfigError, load_config
+from zsadx.eval import tables
+
+
+def grid(**over) -> GridConfig:
+    data = {"name": "t", "out_dir": "/tmp/zsadx-grid-test", "shards": "/nonexistent",
+            "methods": [{"config": "methods/clip-tiny"}], **over}
+    return load_config(GridConfig, data=data)
+
+
+def pairs(cfg) -> dict[str, tuple]:
+    return {p.train_set.name: p.tests for p in protocol_pairings(cfg)}
+
+
+def test_protocol_expansion():
+    pool = ["mvtec-ad", "visa", "btad", "bmad-brain", "cvc-colondb", "cvc-clinicdb"]
+    assert pairs(grid(protocol={"type": "paper", "datasets": pool})) == {
+        "mvtec-ad": ("visa", "btad", "bmad-brain", "cvc-colondb", "cvc-clinicdb"), "visa": ("mvtec-ad",)}
+    assert pairs(grid(protocol={"type": "adaclip", "datasets": pool})) == {
+        "mvtec-ad+cvc-colondb": ("visa", "btad", "bmad-brain", "cvc-clinicdb"),
+        "visa+cvc-clinicdb": ("mvtec-ad", "cvc-colondb")}
+    lodo = pairs(grid(protocol={"type": "leave-one-domain-out", "datasets": pool}))
+    assert lodo == {"mvtec-ad+visa+btad": ("bmad-brain", "cvc-colondb", "cvc-clinicdb"),
+                    "bmad-brain+cvc-colondb+cvc-clinicdb": ("mvtec-ad", "visa", "btad")}
+    lodo1 = pairs(grid(protocol={"type": "leave-one-dataset-out", "datasets": ["mvtec-ad", "visa", "btad"]}))
+    assert lodo1 == {"visa+btad": ("mvtec-ad",), "mvtec-ad+btad": ("visa",), "mvtec-ad+visa": ("btad",)}
+    explicit = grid(train_sets=[{"name": "mix", "sources": [{"dataset": "mvtec-ad"}, {"dataset": "kvasir"}]}],
+                    test_sets=["visa", "isic"])
+    assert pairs(explicit) == {"mix": ("visa", "isic")}
+    with pytest.raises(ConfigError, match="two domains"):
+        protocol_pairings(grid(protocol={"type": "leave-one-domain-out", "datasets": ["mvtec-ad", "visa"]}))
+
+
+def test_cells_of_trained_and_training_free_methods_over_seeds_and_shots():
+    cfg = grid(methods=[{"config": "methods/winclip-tiny", "shots": [0, 2]},
+                        {"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny",
+                         "train_overrides": ["max_steps=5"]}],
+               protocol={"type": "paper", "datasets": ["mvtec-ad", "visa", "btad"]}, seeds=[0, 1])
+    plan = expand(cfg)
+    assert sorted(c.id for c in plan.train) == [f"train/anomalyclip/{ts}/seed{s}" for ts in ("mvtec-ad", "visa")
+                                                 for s in (0, 1)]
+    free = [c for c in plan.evals if c.method == "winclip"]
+    assert len(free) == 3 * 2 * 2 and {c.train_set for c in free} == {"zero-shot"}   # datasets x seeds x shots
+    trained = [c for c in plan.evals if c.method == "anomalyclip"]
+    assert sorted((c.train_set, c.dataset) for c in trained if c.seed == 0) == [
+        ("mvtec-ad", "btad"), ("mvtec-ad", "visa"), ("visa", "mvtec-ad")]
+    c = trained[0]
+    assert c.config["checkpoint"] == str(c.train.folder / "run" / "final.pt")
+    assert c.train.config["max_steps"] == 5 and c.train.config["seed"] == c.seed
+    assert c.train.config["data"]["sources"][0]["dataset"] == c.train_set
+    with pytest.raises(ConfigError, match="sigmaa"):
+        expand(grid(methods=[{"config": "methods/clip-tiny", "overrides": ["sigmaa=1"]}], test_sets=["visa"]))
+
+
+def test_cache_keys_invalidate_on_config_data_and_checkpoint(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "index.json").write_text(json.dumps({"format_version": 1, "groups": [
+        {"group": "visa-a-test", "dataset": "visa", "cls": "a", "split": "test", "shards": [], "counts": {}}]}))
+    base = dict(out_dir=str(tmp_path / "out"), shards=str(shards), test_sets=["visa"],
+                train_sets=[{"name": "m", "sources": [{"dataset": "visa"}]}],
+                methods=[{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny"}])
+    plan = expand(grid(**base))
+    (train,), (ev,) = plan.train, plan.evals
+    assert cache.state(train) == "missing" and cache.state(ev) == "waiting"      # no checkpoint yet
+    cache.write_marker(train.folder, status="done", key=cache.train_key(train))
+    ckpt = Path(ev.config["checkpoint"])
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    assert cache.state(train) == "done" and cache.state(ev) == "missing"
+    cache.write_marker(ev.folder, status="done", key=cache.eval_key(ev))
+    assert cache.state(ev) == "done"
+    # a retrained checkpoint invalidates the evaluation
+    torch.save({"w": torch.ones(2)}, ckpt)
+    assert cache.state(ev) == "stale"
+    cache.write_marker(ev.folder, status="done", key=cache.eval_key(ev))
+    # a changed eval config invalidates the evaluation; a changed train config the training
+    assert cache.state(expand(grid(**base, eval_overrides=["data.batch_size=3"])).evals[0]) == "stale"
+    changed = expand(grid(**{**base, "methods": [{"config": "methods/anomalyclip-tiny",
+                                                   "train": "train/anomalyclip-tiny", "train_overrides": ["epochs=3"]}]}))
+    assert cache.state(changed.train[0]) == "stale"
+    # changed shards of the dataset invalidate both
+    (shards / "index.json").write_text(json.dumps({"format_version": 1, "groups": [
+        {"group": "visa-a-test", "dataset": "visa", "cls": "a", "split": "test", "shards": [{"n": 1}], "counts": {}}]}))
+    assert cache.state(train) == "stale" and cache.state(ev) == "stale"
+    # failures are reported as such
+    cache.write_marker(ev.folder, status="failed", error="ShardError: boom")
+    assert cache.state(ev) == "failed"
+
+
+def _rec(method, dataset, domain, seed, auroc, ap=None):
+    return tables.Record(method, "m", dataset, domain, seed, 0, {"image_auroc": auroc, "image_ap": ap})
+
+
+def test_table_formats_with_seeds_missing_cells_and_domain_averages(tmp_path):
+    recs = [_rec("A", "visa", "industrial", 0, 0.80, 0.9), _rec("A", "visa", "industrial", 1, 0.90, 0.7),
+            _rec("B", "visa", "industrial", 0, 0.70, 0.95),
+            _rec("A", "btad", "industrial", 0, 0.60, 0.5),                       # B missing on btad
+            _rec("A", "isic", "medical", 0, 0.50, float("nan")), _rec("B", "isic", "medical", 0, 0.55, 0.6)]
+    t = tables.build(recs, ["image_auroc", "image_ap"])
+    assert [r for _, r in t.rows] == ["visa", "btad", "industrial average", "isic", "medical average"]
+    md = tables.render(t, "md")
+    assert "| industrial | visa | **85.0±7.1** / 80.0±14.1 | 70.0 / **95.0** |" in md
+    assert "| industrial | btad | 60.0 / 50.0 | - / - |" in md
+    assert "| industrial | industrial average | 72.5 / 65.0 | - / - |" in md      # B lacks btad: no average
+    assert "| medical | isic | 50.0 / - | **55.0** / 60.0 |" in md                # NaN AP -> '-'
+    csv = tables.render(t, "csv").splitlines()
+    assert csv[0] == "domain,dataset,A,B" and csv[1] == "industrial,visa,85.0±7.1 / 80.0±14.1,70.0 / 95.0"
+    tex = tables.render(t, "tex")
+    assert "\\textbf{85.0$\\pm$7.1}" in tex or "\\textbf{85.0±7.1}" in tex
+    assert "industrial average" in tex and tex.count("\\midrule") == 3
+    js = json.loads(tables.render(t, "json"))
+    assert js["columns"] == ["A", "B"] and js["rows"][0]["A"][0][0] == pytest.approx(0.85)
+    png = tables.plot(t, tmp_path / "p.png")
+    from PIL import Image
+
+    assert Image.open(png).size[0] > 200
+
+
+# ---- real SLURM -------------------------------------------------------------------------------
+
+def _slurm_ready() -> str | None:
+    if not shutil.which("sbatch"):
+        return "sbatch not installed (run `bash slurm/up.sh`; `make test` does)"
+    proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    if proc.returncode or not proc.stdout.strip():
+        return f"SLURM not running: {proc.stderr.strip() or 'no nodes'} (start it with `bash slurm/up.sh`)"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+def test_grid_on_real_slurm_with_a_failed_cell_and_its_rerun(tmp_path):
+    shards = make_shards(tmp_path / "data", {"mvtec-ad": 1, "visa": 1, "bmad-brain": 1}, size=64)
+    spec = {"name": "slurm-test", "out_dir": str(tmp_path / "out"), "shards": str(shards), "cluster": "slurm",
+            "methods": [{"config": "methods/clip-tiny", "label": "clip"},
+                        {"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny",
+                         "label": "anomalyclip", "train_overrides": ["max_steps=6", "epochs=1000"]}],
+            "train_sets": [{"name": "mvtec", "sources": [{"dataset": "mvtec-ad"}]}],
+            "test_sets": ["visa", "bmad-brain"], "eval_overrides": ["data.num_workers=0"],
+            "slurm": {"cpus_per_task": 1, "mem_gb": 2, "time_min": 10, "array_parallelism": 2}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    # A broken shard of one dataset: its two evaluation cells must fail, the others must not care.
+    broken = sorted(shards.glob("bmad-brain-*-test-*.tar"))[0]
+    backup = broken.read_bytes()
+    broken.write_bytes(backup[: len(backup) // 3])
+
+    def zsadx(*args, check=True):
+        proc = subprocess.run([sys.executable, "-m", "zsadx", *args], capture_output=True, text=True,
+                              env=subprocess_env(), cwd=REPO, timeout=900)
+        assert not check or proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    t0 = time.time()
+    zsadx("grid", "run", str(grid_file), "--wait")
+    status = zsadx("grid", "status", str(grid_file), check=False)
+    assert status.returncode == 1, status.stdout
+    lines = status.stdout.splitlines()
+    failed = [l for l in lines if l.startswith("failed")]
+    assert sorted(l.split()[1] for l in failed) == ["eval/anomalyclip/mvtec/bmad-brain/seed0",
+                                                     "eval/clip/zero-shot/bmad-brain/seed0"]
+    assert sum(l.startswith("done") for l in lines) == 3                              # 1 train + 2 evals
+    errors = [l for l in lines if "error:" in l]
+    assert errors and all(broken.name in l for l in errors), errors                   # names the shard
+    logs = [l.split("log: ")[1] for l in lines if "log: " in l]
+    assert logs and all(Path(p).is_file() for p in logs)
+    first = time.time() - t0
+    # Repair the shard and run again: only the two failed cells are submitted.
+    broken.write_bytes(backup)
+    rerun = zsadx("grid", "run", str(grid_file), "--wait")
+    assert "0 training job(s) and 2 evaluation task(s)" in rerun.stdout + rerun.stderr
+    assert zsadx("grid", "status", str(grid_file)).stdout.count("\ndone") + 1 >= 5
+    # A finished grid submits nothing and returns in seconds.
+    t1 = time.time()
+    again = zsadx("grid", "run", str(grid_file))
+    assert "nothing to do: all 5 cells are done" in again.stdout
+    assert time.time() - t1 < 30
+    table = zsadx("table", str(tmp_path / "out"), "--metrics", "image_auroc,pixel_auroc")
+    assert "bmad-brain" in table.stdout and "anomalyclip" in table.stdout and " - " not in table.stdout
+    print(f"SLURM grid: first run {first:.0f} s, rerun of the failed cells {t1 - t0 - first:.0f} s")
