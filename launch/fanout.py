@@ -11,13 +11,14 @@ Only missing, stale or failed cells are submitted (``force`` resubmits everythin
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
 
 from launch import cache
 from launch.grid import EvalCell, Plan, TrainCell
-from launch.jobs import CellJob
+from launch.jobs import CellBatch, CellJob
 
 
 def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str] = None):
@@ -114,11 +115,17 @@ def run(plan: Plan, force: bool = False, wait: bool = False, log=print) -> dict:
             except Exception as exc:  # noqa: BLE001
                 log(f"{spec['id']} failed: {exc}")
         return summary
-    # local: stage after stage, in this call
-    jobs = _submit_array(tex, [_spec(c, None, 1) for c in trains])
+    # local: stage after stage, in this call; the machine's cores are split between the jobs
+    cores = os.cpu_count() or 1
+    tspecs = [{**_spec(c, None, 1), "threads": max(1, cores // max(1, len(trains)))} for c in trains]
+    jobs = _submit_array(tex, tspecs)
     follow(jobs, log, label="training")
-    eval_jobs = _submit_array(_executor(plan, folder), [_spec(c, None) for c in evals])
-    follow(eval_jobs, log, label="evaluation")
+    n = max(1, min(len(evals), cores))
+    specs = [{**_spec(c, None), "threads": max(1, cores // n)} for c in evals]
+    ex = _executor(plan, folder)
+    with ex.batch():
+        eval_jobs = [ex.submit(CellBatch(specs[i::n])) for i in range(n)] if specs else []
+    follow(eval_jobs, log, label="evaluation batches")
     summary["jobs"] = [j.job_id for j in (*jobs, *eval_jobs)]
     return summary
 

@@ -78,8 +78,11 @@ class CellJob:
         else:
             cmd = [sys.executable, *args]
         log = folder / "train.log"
+        env = dict(os.environ)
+        if spec.get("threads"):  # jobs sharing a machine (local executor) split its cores
+            env["OMP_NUM_THREADS"] = str(spec["threads"])
         with open(log, "a") as f:
-            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             rc = self._child.wait()
         self._child = None
         if rc != 0:
@@ -96,6 +99,10 @@ class CellJob:
         from zsadx.eval.evaluator import EvalConfig, evaluate
 
         spec = self.spec
+        if spec.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(spec["threads"]))
         if spec.get("train_folder"):
             marker = cache.read_marker(Path(spec["train_folder"])) or {}
             if marker.get("status") != "done":
@@ -121,3 +128,23 @@ class CellJob:
                 self._child.kill()
         cache.write_marker(Path(self.spec["folder"]), status="submitted", error="requeued after pre-emption")
         return submitit.helpers.DelayedSubmission(CellJob(self.spec))
+
+
+class CellBatch:
+    """Several cells in one process, one after the other (local executor: saves a Python + torch
+    start-up per cell on small machines). Each cell writes its own marker; a failure does not stop
+    the next cell, and the batch fails at the end if any cell did."""
+
+    def __init__(self, specs: list[dict]):
+        self.specs = specs
+
+    def __call__(self) -> list[str]:
+        failed = []
+        for spec in self.specs:
+            try:
+                CellJob(spec)()
+            except Exception:  # noqa: BLE001 - recorded in the cell's marker
+                failed.append(spec["id"])
+        if failed:
+            raise RuntimeError(f"failed cells: {', '.join(failed)}")
+        return [s["id"] for s in self.specs]

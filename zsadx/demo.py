@@ -1,32 +1,27 @@
-"""``zsadx demo``: the main job on the embedded default (tiny CLIP, synthetic data).
+"""``zsadx demo``: the main job on the embedded default (tiny CLIP, synthetic data, local executor).
 
-It grows with the package. Today it runs the whole evaluation path: synthetic downloads of an
-industrial and a medical dataset in their real raw layouts -> manifests -> shards -> the
-evaluator, for each configured method (WinCLIP zero-shot and FADE one-shot by default), and prints
-a results table. Resolved configs, results files and overlays land in ``out_dir``.
+A whole study in miniature: synthetic downloads of industrial and medical datasets in their real
+raw layouts -> manifests -> shards -> the demo grid (``configs/grids/demo.yaml``: a training-free
+method zero-shot, one few-shot, one trained method under the papers' protocol) fanned out with
+submitit's local executor -> the paper-style results table (also written as ``table.md`` and a
+bar chart ``table.png``). Re-running it skips every finished cell.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 
-from zsadx.config import load_config, load_yaml, save_resolved
-
-
-@dataclasses.dataclass
-class DemoMethod:
-    config: str = "methods/winclip-tiny"
-    overrides: list[str] = dataclasses.field(default_factory=list)
+from zsadx.config import load_config, save_resolved
 
 
 @dataclasses.dataclass
 class DemoConfig:
-    datasets: list[str] = dataclasses.field(default_factory=lambda: ["mvtec-ad", "bmad-brain"])
-    methods: list[DemoMethod] = dataclasses.field(default_factory=lambda: [DemoMethod()])
+    datasets: list[str] = dataclasses.field(default_factory=lambda: ["mvtec-ad", "visa", "bmad-brain"])
+    grid: str = "grids/demo"
+    grid_overrides: list[str] = dataclasses.field(default_factory=list)
     images_per_group: int = 2
     image_size: int = 128
     out_dir: str = "runs/demo"
@@ -36,48 +31,46 @@ class DemoConfig:
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
 
 
-def run(cfg: DemoConfig) -> dict:
+def make_data(cfg: DemoConfig, out: Path) -> dict:
     from zsadx.data.convert import convert
-    from zsadx.data.shards import write_shards
+    from zsadx.data.shards import load_index, write_shards
     from zsadx.data.synthetic import make_raw
-    from zsadx.eval.evaluator import EvalConfig, evaluate
 
-    t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    save_resolved(cfg, out)
+    if (out / "shards" / "index.json").is_file():
+        return load_index(out / "shards")
     manifests = []
     for name in cfg.datasets:
         make_raw(name, out / "raw" / name, seed=cfg.seed, n=cfg.images_per_group)
         convert(name, out / "raw" / name, out / "manifests" / name, progress=False)
         manifests.append((out / "manifests" / name / "manifest.jsonl").read_text())
     (out / "manifest.jsonl").write_text("".join(manifests))
-    index = write_shards(out / "manifest.jsonl", out / "shards", size=cfg.image_size, progress=False)
+    return write_shards(out / "manifest.jsonl", out / "shards", size=cfg.image_size, progress=False)
+
+
+def run(cfg: DemoConfig, log=print) -> dict:
+    from launch import fanout
+    from launch.grid import expand, load_grid
+    from zsadx.eval import tables
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out_dir)
+    save_resolved(cfg, out)
+    index = make_data(cfg, out)
     t_data = time.perf_counter() - t0
-    table = []
-    for m in cfg.methods:
-        for name in cfg.datasets:
-            data = {"method": load_yaml(m.config), "out_dir": str(out / "results"), "save_overlays": 2,
-                    "data": {"shards": str(out / "shards"), "dataset": name, "num_workers": 0, "batch_size": 16}}
-            ecfg = load_config(EvalConfig, data=data, overrides=m.overrides)
-            r = evaluate(ecfg)
-            label = ecfg.method.name + (f" {ecfg.method.shots}-shot" if ecfg.method.shots else " 0-shot")
-            table.append({"method": label, "dataset": name, **{k: r["mean"].get(k) for k in METRICS},
-                          "images_per_second": r["images_per_second"]})
-    result = {"shards": index["samples"], "data_seconds": round(t_data, 2), "table": table,
-              "seconds": round(time.perf_counter() - t0, 2)}
+    grid = load_grid(cfg.grid, [f"shards={out / 'shards'}", f"out_dir={out / 'grid'}", *cfg.grid_overrides])
+    plan = expand(grid)
+    log(f"data ready ({index['samples']} samples, {t_data:.1f} s); grid: {len(plan.train)} training and "
+        f"{len(plan.evals)} evaluation cells on the {grid.cluster} executor")
+    summary = fanout.run(plan, log=log)
+    labels = list(dict.fromkeys(c.method for c in plan.evals))  # columns in the grid's order
+    table = tables.build(tables.collect(out / "grid"), METRICS, columns=labels)
+    text = tables.render(table, "md")
+    (out / "table.md").write_text(text)
+    tables.plot(table, out / "table.png")
+    result = {"samples": index["samples"], "data_seconds": round(t_data, 2), "submitted": summary,
+              "table": json.loads(tables.render(table, "json")), "seconds": round(time.perf_counter() - t0, 2)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def format_table(result: dict) -> str:
-    fmt = lambda v: f"{100 * v:8.1f}" if v is not None and not math.isnan(v) else f"{'n/a':>8s}"
-    lines = [f"{'method':18s} {'dataset':12s} " + " ".join(f"{k:>12s}" for k in METRICS) + f" {'img/s':>7s}"]
-    for row in result["table"]:
-        lines.append(f"{row['method']:18s} {row['dataset']:12s} " + " ".join(f"{fmt(row[k]):>12s}" for k in METRICS)
-                     + f" {row['images_per_second']:7.1f}")
-    lines.append(f"(tiny random CLIP, synthetic data: the numbers show the pipeline works, not method quality; "
-                 f"{result['seconds']} s)")
-    return "\n".join(lines)
+    return {**result, "markdown": text}
 
 
 def add_parser(sub) -> None:
@@ -90,6 +83,7 @@ def add_parser(sub) -> None:
 def _main(args: argparse.Namespace) -> int:
     cfg = load_config(DemoConfig, args.config, args.overrides)
     result = run(cfg)
-    print(format_table(result))
-    print(f"outputs in {cfg.out_dir}")
+    print(result["markdown"])
+    print(f"(tiny random CLIP, synthetic data: the numbers show the pipeline works, not method quality; "
+          f"{result['seconds']} s)\noutputs in {cfg.out_dir}: table.md, table.png, grid/")
     return 0
