@@ -8,6 +8,7 @@ done with the key the plan computes now is never recomputed unless forced.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -35,17 +36,23 @@ def file_sha(path: Path) -> Optional[str]:
     return _sha_cache[k]
 
 
+@functools.lru_cache(maxsize=64)
+def _index(path: str, mtime_ns: int) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def dataset_fingerprint(shards: str, dataset: str) -> str:
     """What the shard index says about one dataset (shard names, counts, bytes, format)."""
     index = Path(shards) / "index.json"
     if not index.is_file():
         return "missing"
-    data = json.loads(index.read_text())
+    data = _index(str(index), index.stat().st_mtime_ns)
     groups = sorted((g for g in data.get("groups", []) if g["dataset"] == dataset), key=lambda g: g["group"])
     return digest({"format": data.get("format_version"), "size": data.get("image_size"), "groups": groups})
 
 
-def _code() -> str:
+@functools.lru_cache(maxsize=1)
+def _code() -> str:  # one git call per process, not two per cell
     from zsadx.version import code_version
 
     return code_version()

@@ -196,3 +196,43 @@ def test_grid_on_real_slurm_with_a_failed_cell_and_its_rerun(tmp_path):
     table = zsadx("table", str(tmp_path / "out"), "--metrics", "image_auroc,pixel_auroc")
     assert "bmad-brain" in table.stdout and "anomalyclip" in table.stdout and " - " not in table.stdout
     print(f"SLURM grid: first run {first:.0f} s, rerun of the failed cells {t1 - t0 - first:.0f} s")
+
+
+def _wait_for_slurm_job(job_id: str, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        out = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip()
+        if not out:
+            return
+        time.sleep(2)
+    raise AssertionError(f"SLURM job {job_id} still queued after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+def test_sbatch_templates_on_real_slurm(tmp_path):
+    """slurm/train.sbatch (2 processes through accelerate launch, CPU stands in for GPUs) and
+    slurm/eval_array.sbatch (one task per dataset) as a user submits them."""
+    shards = make_shards(tmp_path / "data", {"mvtec-ad": 1, "visa": 1}, size=64)
+    env = {**subprocess_env(), "ZSADX_SETUP": f"cd {REPO}; export PATH={Path(sys.executable).parent}:$PATH",
+           "GPUS_PER_NODE": "2", "DATASETS": "mvtec-ad visa"}
+    (tmp_path / "logs").mkdir()
+
+    def sbatch(*args) -> str:
+        proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--mem=3G", "--time=10", *args],
+                              capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip().split(";")[0]
+
+    train = sbatch("--nodes=1", "--cpus-per-task=2", str(REPO / "slurm/train.sbatch"), "train/anomalyclip-tiny",
+                   f"data.sources=[{{shards: {shards}, dataset: mvtec-ad}}]", f"out_dir={tmp_path / 'run'}",
+                   "max_steps=4", "progress=false")
+    _wait_for_slurm_job(train)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["world_size"] == 2 and run["steps"] == 4, (tmp_path / "logs").iterdir()
+    evals = sbatch("--array=0-1", "--cpus-per-task=1", str(REPO / "slurm/eval_array.sbatch"),
+                   "methods/anomalyclip-tiny", str(tmp_path / "run" / "final.pt"), str(shards), str(tmp_path / "eval"),
+                   "data.num_workers=0")
+    _wait_for_slurm_job(evals)
+    assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == [
+        "anomalyclip-final-mvtec-ad.json", "anomalyclip-final-visa.json"]
