@@ -23,6 +23,9 @@ import yaml
 
 from launch import cache
 
+# Exit codes of a trainer that stopped at a checkpoint because of SIGTERM / SIGUSR1 / SIGUSR2.
+PREEMPTED = {128 + signal.SIGTERM, 128 + signal.SIGUSR1, 128 + signal.SIGUSR2}
+
 
 def _last_error_line(text: str) -> str:
     lines = [l.strip() for l in text.splitlines() if l.strip()]
@@ -85,6 +88,11 @@ class CellJob:
             self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             rc = self._child.wait()
         self._child = None
+        if rc in PREEMPTED:
+            # The trainer checkpointed on a pre-emption / time-out signal. submitit's own signal
+            # handler (``checkpoint`` below) requeues this job; give it time to arrive.
+            for _ in range(120):
+                time.sleep(0.5)
         if rc != 0:
             exc = RuntimeError(f"training exited with {rc}; log: {log}")
             exc.log_tail = log.read_text()[-20000:]

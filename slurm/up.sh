@@ -77,6 +77,7 @@ for _ in $(seq 60); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.
 if ! running /run/slurmd.pid; then $SUDO slurmd -N localhost; fi
 for _ in $(seq 60); do sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)' && break; sleep 0.5; done
 $SUDO scontrol update nodename=localhost state=resume >/dev/null 2>&1 || true
-# Return only when jobs really run (the first one is scheduled 1-3 s after slurmd registers).
-timeout 60 srun -N1 -n1 -t 1 hostname >/dev/null
+# Return only when jobs really run (the first one is scheduled 1-3 s after slurmd registers); a
+# node busy with earlier jobs is already known to run them.
+if sinfo -h -o %t | grep -q '^idle'; then timeout 120 srun -N1 -n1 -t 1 hostname >/dev/null; fi
 echo "[slurm/up] SLURM is up: $(sinfo -h -o '%P %a %D %t %N')"

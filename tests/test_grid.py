@@ -236,3 +236,39 @@ def test_sbatch_templates_on_real_slurm(tmp_path):
     _wait_for_slurm_job(evals)
     assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == [
         "anomalyclip-final-mvtec-ad.json", "anomalyclip-final-visa.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+def test_preempted_training_cell_is_requeued_and_resumes(tmp_path):
+    """SLURM pre-emption as submitit simulates it (SIGTERM, then its USR2 warning) in the middle of a
+    training cell: the trainer checkpoints, submitit requeues the job, the run resumes and finishes."""
+    shards = make_shards(tmp_path / "data", {"mvtec-ad": 1}, size=64)
+    spec = {"name": "preempt", "out_dir": str(tmp_path / "out"), "shards": str(shards), "cluster": "slurm",
+            "methods": [{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny", "label": "ac",
+                         "train_overrides": ["max_steps=150", "epochs=1000", "checkpoint_every=10", "log_every=5"]}],
+            "train_sets": [{"name": "mvtec", "sources": [{"dataset": "mvtec-ad"}]}], "test_sets": ["mvtec-ad"],
+            "eval_overrides": ["data.num_workers=0"], "slurm": {"cpus_per_task": 2, "mem_gb": 3, "time_min": 10}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    plan = expand(load_grid(str(grid_file)))
+    from launch import fanout
+
+    fanout.run(plan, log=lambda *_: None)
+    (train,) = plan.train
+    job = cache.read_marker(train.folder)["job_id"]
+    log = Path(train.config["out_dir"]) / "train_log.jsonl"
+    end = time.time() + 240
+    while time.time() < end and not (log.is_file() and len(log.read_text().splitlines()) >= 4):
+        time.sleep(0.5)
+    assert log.is_file(), "training never started"
+    subprocess.check_call(["scancel", job, "--signal", "SIGTERM"])
+    subprocess.check_call(["scancel", job, "--signal", "USR2"])
+    fanout.follow_markers([train.folder, *(c.folder for c in plan.evals)], log=lambda *_: None)
+    marker = cache.read_marker(train.folder)
+    assert marker["status"] == "done", marker
+    run = json.loads((Path(train.config["out_dir"]) / "run.json").read_text())
+    assert run["steps"] == 150
+    text = (train.folder / "train.log").read_text()
+    assert "resumed from" in text, text[-2000:]
+    assert cache.state(plan.evals[0]) == "done"

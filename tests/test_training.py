@@ -112,7 +112,7 @@ def uninterrupted(shards, tmp_path_factory) -> Path:
 INTERRUPT_ARGS = ("data.batch_size=4", "epochs=100", "max_steps=60", "checkpoint_every=5", "data.num_workers=1")
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGUSR1", "SIGUSR2"])
 def test_killed_and_resumed_equals_uninterrupted(shards, uninterrupted, tmp_path, how):
     out = tmp_path / "run"
     proc = _start(launch_cmd(1, "zsadx.train", *train_args(shards, out, *INTERRUPT_ARGS, "resume=latest")))

@@ -26,7 +26,8 @@ from zsadx.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGTERM: SLURM pre-emption / time limit; SIGUSR1: `--signal` warnings; SIGUSR2: submitit's warning.
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def _worker_init(_: int) -> None:
