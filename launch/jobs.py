@@ -128,12 +128,21 @@ class CellJob:
     def checkpoint(self, *args, **kwargs):
         import submitit
 
-        if self._child is not None and self._child.poll() is None:
-            self._child.send_signal(signal.SIGTERM)  # the trainer saves a step checkpoint and exits
+        child = self._child
+        if child is not None and child.returncode is None:
+            # This handler interrupts ``child.wait()`` in the main thread, which holds Popen's wait
+            # lock: a second ``wait`` here would block until its timeout. Reap with waitpid instead.
             try:
-                self._child.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                self._child.kill()
+                os.kill(child.pid, signal.SIGTERM)  # the trainer saves a step checkpoint and exits
+                for _ in range(3000):
+                    pid, _status = os.waitpid(child.pid, os.WNOHANG)
+                    if pid:
+                        break
+                    time.sleep(0.1)
+                else:
+                    os.kill(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, ChildProcessError):
+                pass  # already gone (and reaped)
         cache.write_marker(Path(self.spec["folder"]), status="submitted", error="requeued after pre-emption")
         return submitit.helpers.DelayedSubmission(CellJob(self.spec))
 
