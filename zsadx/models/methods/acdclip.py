@@ -253,9 +253,6 @@ class ACDCLIP(Method):
         x = logits.transpose(1, 2).reshape(logits.shape[0], 2, *grid)
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=self.cfg.align_corners)
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        return self.loss(batch)
-
     def loss(self, batch) -> dict[str, torch.Tensor]:
         images = batch["image"]
         masks, labels = batch["mask"].to(images.device), batch["label"].to(images.device)

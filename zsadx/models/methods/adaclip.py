@@ -115,9 +115,6 @@ class AdaCLIP(Method):
         self.patch_proj = nn.ModuleList([nn.Linear(bb.width, bb.embed_dim) for _ in self.layers])
         self.cls_proj = nn.Linear(bb.embed_dim, bb.embed_dim)
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        return self.loss(batch)
-
     def _run(self, images: torch.Tensor, classes: Sequence[str]) -> dict:
         cfg, bb = self.cfg, self.backbone
         images = images.to(bb.dtype)

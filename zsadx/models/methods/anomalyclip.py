@@ -87,9 +87,6 @@ class AnomalyCLIP(Method):
     def _probs(self, feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return (feats @ text.float().T / self.cfg.temperature).softmax(-1)
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        return self.loss(batch)
-
     def loss(self, batch) -> dict[str, torch.Tensor]:
         images, masks, labels = batch["image"], batch["mask"], batch["label"]
         tokens, g, grid = self.vision(self.backbone, images)

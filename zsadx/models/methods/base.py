@@ -67,6 +67,10 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # -- training -------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        # The trainer calls the (DDP / DeepSpeed wrapped) module, so the training loss is forward.
+        return self.loss(batch)
+
     def loss(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} is training-free")
 

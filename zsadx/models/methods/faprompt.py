@@ -132,9 +132,6 @@ class FAPrompt(Method):
         self.prompts = CompoundPrompts(bb, cfg)
         self.prior = AbnormalityPrior(cfg.dap_topk, bb.embed_dim, cfg.dap_hidden, bb.text_width)
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        return self.loss(batch)
-
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, bb = self.cfg, self.backbone
         (tokens,), g, grid = self.vision(bb, images)
