@@ -50,6 +50,7 @@ class CellJob:
     def __init__(self, spec: dict):
         self.spec = spec
         self._child: Optional[subprocess.Popen] = None
+        self._requeued = False
 
     def __call__(self) -> dict:
         spec, folder = self.spec, Path(self.spec["folder"])
@@ -59,6 +60,8 @@ class CellJob:
         try:
             result = self._train(folder) if spec["kind"] == "train" else self._eval(folder)
         except BaseException as exc:  # noqa: BLE001 - record every failure, then let the scheduler see it
+            if self._requeued:  # submitit's SystemExit after a requeue: the cell is queued again, not failed
+                raise
             cache.write_marker(folder, status="failed", error=_last_error_line(
                 getattr(exc, "log_tail", "") or "".join(traceback.format_exception_only(type(exc), exc))),
                 seconds=round(time.time() - t0, 2))
@@ -143,6 +146,7 @@ class CellJob:
                     os.kill(child.pid, signal.SIGKILL)
             except (ProcessLookupError, ChildProcessError):
                 pass  # already gone (and reaped)
+        self._requeued = True
         cache.write_marker(Path(self.spec["folder"]), status="submitted", error="requeued after pre-emption")
         return submitit.helpers.DelayedSubmission(CellJob(self.spec))
 

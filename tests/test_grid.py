@@ -269,8 +269,14 @@ def test_preempted_training_cell_is_requeued_and_resumes(tmp_path):
     while time.time() < end:
         reason = subprocess.run(["squeue", "-h", "-j", job, "-o", "%r"], capture_output=True, text=True).stdout
         if "BeginTime" in reason:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-            break
+            # Only once the node has finished cleaning up the first run: a job started while its
+            # old credential is still being revoked is killed by SLURM ("Job credential revoked").
+            if subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True).stdout.strip() == "idle":
+                # While it waits in the queue the cell reads as queued again, never as failed.
+                assert cache.read_marker(train.folder)["status"] == "submitted", cache.read_marker(train.folder)
+                time.sleep(2)
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                break
         if (cache.read_marker(train.folder) or {}).get("status") in ("done", "failed"):
             break
         time.sleep(0.5)
