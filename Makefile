@@ -34,9 +34,9 @@ SLURM ?= 1
 test: $(TEST_STAMP)
 ifeq ($(SLURM),1)
 	bash slurm/up.sh
-	$(PY) -m pytest -q tests; rc=$$?; bash slurm/down.sh; exit $$rc
+	$(PY) -m pytest -q --durations=12 tests; rc=$$?; bash slurm/down.sh; exit $$rc
 else
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=12 tests
 endif
 
 clean:
