@@ -1,6 +1,7 @@
 """Fan a plan out with submitit: training jobs first, evaluation arrays after them.
 
-* ``slurm``: train cells are submitted (one job each, GPUs per node from the grid's slurm section),
+* ``slurm``: train cells are submitted (one job each on ``slurm.nodes`` nodes with ``gpus_per_node``
+  GPUs; one task per node, each an ``accelerate launch``),
   then one evaluation array per training job with ``--dependency=afterany:<train job>`` (the eval job
   checks that its training succeeded and fails with that reason otherwise), plus one array for the
   evaluations that need no new training. ``run`` returns once everything is submitted.
@@ -21,13 +22,14 @@ from launch.grid import EvalCell, Plan, TrainCell
 from launch.jobs import CellBatch, CellJob
 
 
-def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str] = None):
+def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str] = None, nodes: int = 1):
     import submitit
 
     g = plan.grid
     ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=g.cluster)
     s = g.slurm
-    params = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task, "nodes": 1, "tasks_per_node": 1,
+    # One task per node: a training task runs `accelerate launch`, which starts a process per GPU.
+    params = {"timeout_min": s.time_min, "cpus_per_task": s.cpus_per_task, "nodes": nodes, "tasks_per_node": 1,
               "name": f"zsadx-{g.name or 'grid'}"}
     if s.mem_gb:
         params["mem_gb"] = s.mem_gb
@@ -89,7 +91,7 @@ def run(plan: Plan, force: bool = False, wait: bool = False, log=print) -> dict:
     gpus = g.slurm.gpus_per_node if g.cluster == "slurm" else 0
     procs = max(1, gpus)
     train_jobs = {}
-    tex = _executor(plan, folder, gpus)
+    tex = _executor(plan, folder, gpus, nodes=g.slurm.nodes if g.cluster == "slurm" else 1)
     if g.cluster == "slurm":
         for c in trains:
             (job,) = _submit_array(tex, [_spec(c, None, procs)])

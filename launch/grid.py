@@ -53,7 +53,7 @@ class SlurmConfig:
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
-    nodes: int = 1
+    nodes: int = 1                        # per training job (one `accelerate launch` per node); evaluations use 1
     gpus_per_node: int = 0
     cpus_per_task: int = 2
     mem_gb: Optional[float] = None
@@ -85,6 +85,8 @@ class GridConfig:
                 raise ConfigError(f"'methods[{i}].config' is required")
         if not self.seeds:
             raise ConfigError("'seeds' is empty")
+        if self.slurm.nodes < 1:
+            raise ConfigError(f"'slurm.nodes' must be at least 1, got {self.slurm.nodes}")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Job entry points: what one SLURM (or local) job runs for one cell.
 
 ``CellJob`` is a submitit checkpointable callable. A train cell runs the trainer as a child process
-(``accelerate launch`` over the job's GPUs when there are several) with ``resume: latest``; on
+(``accelerate launch`` over the job's GPUs when there are several; a multi-node cell runs one such
+task per node and only rank 0 writes the marker) with ``resume: latest``; on
 pre-emption or time-out submitit calls ``checkpoint``, which forwards SIGTERM to the trainer (it
 saves a step checkpoint and exits) and requeues the same job, which resumes from there. An eval
 cell runs the evaluator in-process. Every job writes its cell marker (running, then done or failed
@@ -35,13 +36,43 @@ def _last_error_line(text: str) -> str:
     return lines[-1][:500] if lines else ""
 
 
-def _log_path() -> Optional[str]:
+def _job_env():
+    """submitit's view of this SLURM job, or None outside one (debug executor, local, direct call)."""
     try:
         import submitit
 
-        return str(submitit.JobEnvironment().paths.stderr)
-    except Exception:  # noqa: BLE001 - not inside a submitit job (debug executor, direct call)
+        env = submitit.JobEnvironment()
+        env.paths  # noqa: B018 - raises outside a submitit job
+        return env
+    except Exception:  # noqa: BLE001
         return None
+
+
+def _log_path() -> Optional[str]:
+    env = _job_env()
+    return str(env.paths.stderr) if env is not None else None
+
+
+def _task_rank() -> int:
+    env = _job_env()
+    return env.global_rank if env is not None and env.cluster == "slurm" else 0
+
+
+def trainer_command(processes: int, args: list[str]) -> list[str]:
+    """The trainer's command line for this task. A multi-node cell runs one task per node (each an
+    ``accelerate launch`` over its node's GPUs); machine rank, machine count and the main address come
+    from SLURM through submitit, the port from the job id (jobs sharing a node do not collide)."""
+    env = _job_env()
+    machines = env.num_tasks if env is not None and env.cluster == "slurm" else 1
+    if machines == 1 and processes == 1:
+        return [sys.executable, *args]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_processes", str(processes * machines)]
+    if machines > 1:
+        cmd += ["--num_machines", str(machines), "--machine_rank", str(env.global_rank),
+                "--main_process_ip", env.hostnames[0], "--main_process_port", str(29500 + int(env.job_id) % 1000),
+                "--rdzv_backend", "static", "--same_network"]
+    return cmd + args
 
 
 class CellJob:
@@ -54,6 +85,8 @@ class CellJob:
 
     def __call__(self) -> dict:
         spec, folder = self.spec, Path(self.spec["folder"])
+        if _task_rank() != 0:  # another node of a multi-node training cell: rank 0 keeps the marker
+            return self._train(folder)
         t0 = time.time()
         cache.write_marker(folder, id=spec["id"], status="running", key=spec.get("key"), host=os.uname().nodename,
                            log=_log_path(), error=None)
@@ -75,15 +108,13 @@ class CellJob:
 
         spec = self.spec
         cfg_file = folder / "train.yaml"
-        cfg_file.write_text(yaml.safe_dump(spec["config"], sort_keys=False))
-        nproc = int(spec.get("processes", 1))
-        args = ["-m", "zsadx.train", "--config", str(cfg_file)]
-        if nproc > 1:
-            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-                   *args[0:]]
-        else:
-            cmd = [sys.executable, *args]
-        log = folder / "train.log"
+        # Every node of a multi-node cell writes it: atomically, so no launcher reads half a file.
+        tmp = folder / f".train.yaml.{os.getpid()}"
+        tmp.write_text(yaml.safe_dump(spec["config"], sort_keys=False))
+        os.replace(tmp, cfg_file)
+        cmd = trainer_command(int(spec.get("processes", 1)), ["-m", "zsadx.train", "--config", str(cfg_file)])
+        rank = _task_rank()
+        log = folder / ("train.log" if rank == 0 else f"train.node{rank}.log")
         env = dict(os.environ)
         if spec.get("threads"):  # jobs sharing a machine (local executor) split its cores
             env["OMP_NUM_THREADS"] = str(spec["threads"])

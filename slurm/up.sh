@@ -72,7 +72,8 @@ EOF
 echo "$CONF" | $SUDO tee /etc/slurm/slurm.conf >/dev/null
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-if ! running /run/slurmctld.pid; then $SUDO slurmctld; fi
+# -c: a test cluster starts with an empty queue (jobs left by an aborted run would hold the node).
+if ! running /run/slurmctld.pid; then $SUDO slurmctld -c; fi
 for _ in $(seq 60); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
 if ! running /run/slurmd.pid; then $SUDO slurmd -N localhost; fi
 for _ in $(seq 60); do sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)' && break; sleep 0.5; done

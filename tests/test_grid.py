@@ -288,3 +288,56 @@ def test_preempted_training_cell_is_requeued_and_resumes(tmp_path):
     text = (train.folder / "train.log").read_text()
     assert "resumed from" in text, text[-2000:]
     assert cache.state(plan.evals[0]) == "done"
+
+
+def test_multi_node_training_cells_request_nodes_and_gpus(tmp_path):
+    """The grid's slurm.nodes / gpus_per_node reach the training job's sbatch script; evaluations
+    stay on one node."""
+    from launch import fanout
+
+    spec = {"name": "mn", "out_dir": str(tmp_path / "out"), "cluster": "slurm",
+            "methods": [{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny"}],
+            "train_sets": [{"name": "mvtec", "sources": [{"dataset": "mvtec-ad"}]}], "test_sets": ["visa"],
+            "slurm": {"nodes": 2, "gpus_per_node": 4, "partition": "gpu", "setup": ["module load cuda"]}}
+    plan = expand(load_config(GridConfig, data=spec))
+    train = fanout._executor(plan, tmp_path, gpus=4, nodes=plan.grid.slurm.nodes)._executor
+    text = train._make_submission_file_text("python -m x", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "module load cuda"):
+        assert line in text, text
+    evals = fanout._executor(plan, tmp_path, dependency="afterany:1")._executor
+    text = evals._make_submission_file_text("python -m x", "uid")
+    assert "#SBATCH --nodes=1" in text and "#SBATCH --dependency=afterany:1" in text, text
+    with pytest.raises(ConfigError, match="slurm.nodes"):
+        load_config(GridConfig, data={**spec, "slurm": {"nodes": 0}})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+def test_training_cell_over_two_slurm_tasks_is_one_distributed_run(tmp_path):
+    """A multi-node training cell: one task per node, each an `accelerate launch` that takes its
+    machine rank and main address from SLURM. This machine has one node, so two tasks on it stand
+    in for two nodes (the launch code cannot tell the difference)."""
+    import submitit
+
+    from launch import fanout
+    from launch.jobs import CellJob
+
+    shards = make_shards(tmp_path / "data", {"mvtec-ad": 1}, size=64)
+    spec = {"name": "mn", "out_dir": str(tmp_path / "out"), "shards": str(shards), "cluster": "slurm",
+            "methods": [{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny",
+                         "train_overrides": ["max_steps=4"]}],
+            "train_sets": [{"name": "mvtec", "sources": [{"dataset": "mvtec-ad"}]}], "test_sets": ["mvtec-ad"]}
+    plan = expand(load_config(GridConfig, data=spec))
+    (cell,) = plan.train
+    ex = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="slurm")
+    ex.update_parameters(nodes=1, tasks_per_node=2, cpus_per_task=1, mem_gb=4, timeout_min=10)
+    job = ex.submit(CellJob(fanout._spec(cell, None, processes=1)))
+    results = job.results()  # one per task; raises with the task's traceback if one failed
+    assert len(results) == 2
+    marker = cache.read_marker(cell.folder)
+    assert marker["status"] == "done", marker
+    run = json.loads((Path(cell.config["out_dir"]) / "run.json").read_text())
+    assert run["world_size"] == 2 and run["steps"] == 4, run
+    # processes=1 per task: a world of 2 means both tasks' launchers joined one run
+    assert (cell.folder / "train.node1.log").is_file()
