@@ -90,10 +90,10 @@ def fuse_image_score(global_score: torch.Tensor, maps: torch.Tensor | None, rule
     raise ValueError(f"unknown fusion rule '{rule}': {', '.join(FUSION_RULES)}")
 
 
-def patch_probs_to_map(probs: torch.Tensor, grid: tuple[int, int], size, align_corners: bool = False) -> torch.Tensor:
-    """(B, N, C) per-patch values -> (B, C, H, W) bilinearly resized to ``size`` (training maps)."""
-    b, n, c = probs.shape
-    x = probs.transpose(1, 2).reshape(b, c, *grid)
+def patches_to_maps(values: torch.Tensor, grid: tuple[int, int], size, align_corners: bool = False) -> torch.Tensor:
+    """(B, N, C) per-patch values (probabilities or logits) -> (B, C, H, W), bilinearly resized to ``size``."""
+    b, n, c = values.shape
+    x = values.transpose(1, 2).reshape(b, c, *grid)
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 

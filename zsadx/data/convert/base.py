@@ -84,6 +84,7 @@ class DatasetPlugin:
     """A dataset: its catalog entry, its raw-layout parser and its synthetic download."""
 
     entry: DatasetEntry
+    subdir: str = ""  # the folder inside the archive's top folder, where a download has one
 
     def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
         raise NotImplementedError
@@ -92,6 +93,10 @@ class DatasetPlugin:
         raise NotImplementedError
 
     # -- helpers for parsers ------------------------------------------------------------------
+    def base(self, root: Path) -> Path:
+        """Accept either the archive's top folder or the folder inside it (``subdir``)."""
+        return root / self.subdir if self.subdir and (root / self.subdir).is_dir() else root
+
     def require(self, path: Path) -> Path:
         """``path`` must exist; otherwise a LayoutError naming it and the expected layout."""
         if not path.exists():

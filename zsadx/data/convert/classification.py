@@ -37,9 +37,6 @@ class LabelledFolders(DatasetPlugin):
                  synth_ext: tuple[str, ...] = (".jpg",)):
         self.entry, self.folders, self.subdir, self.ignored, self.synth_ext = entry, folders, subdir, ignored, synth_ext
 
-    def base(self, root: Path) -> Path:
-        return root / self.subdir if self.subdir and (root / self.subdir).is_dir() else root
-
     def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
         base = self.base(root)
         items = []

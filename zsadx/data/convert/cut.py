@@ -16,9 +16,14 @@ from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, register, seeded_split
 
 
-def _mask_array(path: Path) -> np.ndarray:
-    with Image.open(path) as m:
-        return np.asarray(m.convert("L"))
+def _read_mask(path: Path, problems: Problems) -> np.ndarray | None:
+    """The mask as a grey array, or None with the file reported (the image is then skipped)."""
+    try:
+        with Image.open(path) as m:
+            return np.asarray(m.convert("L"))
+    except Exception as exc:  # noqa: BLE001 - any decoder error is bad input, named by its path
+        problems.add(path, f"unreadable mask: {exc}")
+        return None
 
 
 def _split_normals(cands: list[Candidate]) -> list[Candidate]:
@@ -56,10 +61,8 @@ class KolektorSDD(DatasetPlugin):
                 if label_path is None:
                     problems.add(img, "missing mask: no <stem>_label.bmp")
                     continue
-                try:
-                    mask = _mask_array(label_path)
-                except Exception as exc:  # noqa: BLE001
-                    problems.add(label_path, f"unreadable mask: {exc}")
+                mask = _read_mask(label_path, problems)
+                if mask is None:
                     continue
                 h, w = mask.shape
                 if variant == "whole":
@@ -130,10 +133,8 @@ class AITEX(DatasetPlugin):
             if not mpath.is_file():
                 problems.add(img, "missing mask: no Mask_images/<stem>_mask.png")
                 continue
-            try:
-                mask = _mask_array(mpath)
-            except Exception as exc:  # noqa: BLE001
-                problems.add(mpath, f"unreadable mask: {exc}")
+            mask = _read_mask(mpath, problems)
+            if mask is None:
                 continue
             h, w = mask.shape
             code = img.stem.split("_")[1] if img.stem.count("_") >= 2 else ""

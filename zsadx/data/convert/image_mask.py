@@ -26,11 +26,6 @@ class ImageMaskFolders(DatasetPlugin):
         self.mask_suffix, self.mask_threshold, self.exts = mask_suffix, mask_threshold, exts
         self.synth_image_dir = synth_image_dir
 
-    def base(self, root: Path) -> Path:
-        if self.subdir and (root / self.subdir).is_dir():
-            return root / self.subdir
-        return root
-
     def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
         base = self.base(root)
         mask_dir = self.require(base / self.mask_dir)

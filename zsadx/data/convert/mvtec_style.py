@@ -28,12 +28,6 @@ class MVTecStyle(DatasetPlugin):
         self.synth_ext = synth_ext or {}
         self.gray = gray
 
-    def base(self, root: Path) -> Path:
-        # Accept the archive's top folder or the folder inside it.
-        if self.subdir and (root / self.subdir).is_dir():
-            return root / self.subdir
-        return root
-
     def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
         base = self.base(root)
         out = []

@@ -44,7 +44,7 @@ from zsadx.models.losses import cross_entropy, segmentation_loss
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
 from zsadx.models.prompts import PROMPT_SETS
-from zsadx.models.scoring import gaussian_blur_kernel
+from zsadx.models.scoring import gaussian_blur_kernel, patches_to_maps
 
 
 @dataclass
@@ -249,16 +249,13 @@ class ACDCLIP(Method):
         cls_logits = torch.stack([torch.einsum("be,bce->bc", d, text[:, g]) for g, d in enumerate(det)]).mean(0)
         return {"logits": logits, "cls_logits": cls_logits, "grid": out.grid}
 
-    def _to_map(self, logits: torch.Tensor, grid, size) -> torch.Tensor:
-        x = logits.transpose(1, 2).reshape(logits.shape[0], 2, *grid)
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=self.cfg.align_corners)
-
     def loss(self, batch) -> dict[str, torch.Tensor]:
         images = batch["image"]
         masks, labels = batch["mask"].to(images.device), batch["label"].to(images.device)
         r = self._run(batch)
         size = masks.shape[-2:]
-        probs = torch.stack([self._to_map(l, r["grid"], size) for l in r["logits"]]).mean(0).softmax(1)
+        maps = [patches_to_maps(l, r["grid"], size, self.cfg.align_corners) for l in r["logits"]]
+        probs = torch.stack(maps).mean(0).softmax(1)
         seg = segmentation_loss(probs, masks)
         ce = cross_entropy(r["cls_logits"], labels)
         return {"loss": ce + seg, "cls": ce.detach(), "seg": seg.detach()}

@@ -37,7 +37,7 @@ from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
 from zsadx.models.prompt_learning import DeepTextPrompts, DeepVisualPrompts, DynamicPromptGenerator
 from zsadx.models.prompts import PROMPT_SETS
-from zsadx.models.scoring import hybrid_semantic_fusion
+from zsadx.models.scoring import hybrid_semantic_fusion, patches_to_maps
 
 
 @dataclass
@@ -133,16 +133,13 @@ class AdaCLIP(Method):
         image_probs = (cfg.logit_scale * torch.einsum("be,bce->bc", f, text)).softmax(-1)
         return {"logits": logits, "image_probs": image_probs, "grid": out.grid}
 
-    def _upsample(self, logits: torch.Tensor, grid, size) -> torch.Tensor:
-        x = logits.transpose(1, 2).reshape(logits.shape[0], 2, *grid)
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=self.cfg.align_corners)
-
     def loss(self, batch) -> dict[str, torch.Tensor]:
         images = batch["image"]
         masks, labels = batch["mask"].to(images.device), batch["label"].to(images.device)
         r = self._run(images, batch["cls"])
         img = focal_loss(r["image_probs"], labels)
-        seg = sum(segmentation_loss(self._upsample(l, r["grid"], masks.shape[-2:]).softmax(1), masks,
+        size, ac = masks.shape[-2:], self.cfg.align_corners
+        seg = sum(segmentation_loss(patches_to_maps(l, r["grid"], size, ac).softmax(1), masks,
                                     dice_per_row=self.cfg.dice_per_row) for l in r["logits"])
         return {"loss": img + seg, "image_focal": img.detach(), "seg": seg.detach()}
 
@@ -152,7 +149,7 @@ class AdaCLIP(Method):
         r = self._run(images, batch["cls"])
         # Bilinear upsampling is linear: the mean of upsampled logits is the upsampled mean.
         mean = torch.stack(r["logits"]).mean(0)
-        maps = self._upsample(mean, r["grid"], images.shape[-2:]).softmax(1)[:, 1]
+        maps = patches_to_maps(mean, r["grid"], images.shape[-2:], self.cfg.align_corners).softmax(1)[:, 1]
         return Prediction(maps=maps, scores=r["image_probs"][:, 1])
 
 

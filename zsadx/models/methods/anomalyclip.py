@@ -31,7 +31,7 @@ from zsadx.models.losses import cross_entropy, segmentation_loss
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
 from zsadx.models.prompt_learning import DeepTextPrompts, placeholder_sentence, splice_tokens
-from zsadx.models.scoring import patch_probs_to_map
+from zsadx.models.scoring import patches_to_maps
 
 
 @dataclass
@@ -93,7 +93,7 @@ class AnomalyCLIP(Method):
         text = self.prompts(self.backbone)
         local = images.new_zeros((), dtype=torch.float32)
         for t in tokens:
-            p = patch_probs_to_map(self._probs(t, text), grid, masks.shape[-2:], self.cfg.align_corners)
+            p = patches_to_maps(self._probs(t, text), grid, masks.shape[-2:], self.cfg.align_corners)
             local = local + segmentation_loss(p, masks.to(images.device))
         glob = cross_entropy(g @ text.float().T / self.cfg.temperature, labels.to(images.device))
         total = self.cfg.local_loss_weight * local + glob

@@ -35,7 +35,7 @@ from zsadx.models.losses import binary_focal_loss, cross_entropy, orthogonality_
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
 from zsadx.models.prompt_learning import DeepTextPrompts, placeholder_sentence, splice_tokens
-from zsadx.models.scoring import patch_probs_to_map
+from zsadx.models.scoring import patches_to_maps
 
 
 @dataclass
@@ -154,8 +154,8 @@ class FAPrompt(Method):
         masks, labels = batch["mask"].to(images.device), batch["label"].to(images.device)
         r = self._run(images)
         size = masks.shape[-2:]
-        seg1 = segmentation_loss(patch_probs_to_map(r["s1"], r["grid"], size, cfg.align_corners), masks)
-        seg2 = segmentation_loss(patch_probs_to_map(r["s2"], r["grid"], size, cfg.align_corners), masks)
+        seg1 = segmentation_loss(patches_to_maps(r["s1"], r["grid"], size, cfg.align_corners), masks)
+        seg2 = segmentation_loss(patches_to_maps(r["s2"], r["grid"], size, cfg.align_corners), masks)
         glob = cross_entropy(r["logits_g"], labels)
         img = binary_focal_loss(r["score"], labels, logits=cfg.image_focal_on_logits)
         orth = orthogonality_loss(r["abnormal"])
