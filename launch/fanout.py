@@ -37,6 +37,8 @@ def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str]
         params.update(slurm_array_parallelism=s.array_parallelism)
         if gpus:
             params["gpus_per_node"] = gpus
+        if nodes > 1:  # a node that fails ends the job, instead of the others waiting for it until the time-out
+            params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         for k in ("partition", "account", "qos"):
             if getattr(s, k):
                 params[f"slurm_{k}"] = getattr(s, k)

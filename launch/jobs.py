@@ -108,6 +108,7 @@ class CellJob:
 
         spec = self.spec
         cfg_file = folder / "train.yaml"
+        folder.mkdir(parents=True, exist_ok=True)  # other nodes may start before rank 0 wrote its marker
         # Every node of a multi-node cell writes it: atomically, so no launcher reads half a file.
         tmp = folder / f".train.yaml.{os.getpid()}"
         tmp.write_text(yaml.safe_dump(spec["config"], sort_keys=False))

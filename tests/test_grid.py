@@ -303,7 +303,7 @@ def test_multi_node_training_cells_request_nodes_and_gpus(tmp_path):
     train = fanout._executor(plan, tmp_path, gpus=4, nodes=plan.grid.slurm.nodes)._executor
     text = train._make_submission_file_text("python -m x", "uid")
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --partition=gpu", "module load cuda"):
+                 "#SBATCH --partition=gpu", "module load cuda", "--kill-on-bad-exit=1"):
         assert line in text, text
     evals = fanout._executor(plan, tmp_path, dependency="afterany:1")._executor
     text = evals._make_submission_file_text("python -m x", "uid")
@@ -331,7 +331,8 @@ def test_training_cell_over_two_slurm_tasks_is_one_distributed_run(tmp_path):
     plan = expand(load_config(GridConfig, data=spec))
     (cell,) = plan.train
     ex = submitit.AutoExecutor(folder=str(tmp_path / "submitit"), cluster="slurm")
-    ex.update_parameters(nodes=1, tasks_per_node=2, cpus_per_task=1, mem_gb=4, timeout_min=10)
+    ex.update_parameters(nodes=1, tasks_per_node=2, cpus_per_task=1, mem_gb=4, timeout_min=10,
+                         slurm_srun_args=["--kill-on-bad-exit=1"])
     job = ex.submit(CellJob(fanout._spec(cell, None, processes=1)))
     results = job.results()  # one per task; raises with the task's traceback if one failed
     assert len(results) == 2
