@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
-from zsadx.config import ConfigError
-from zsadx.data.shards import ShardError
-from zsadx.registry import UnknownNameError
+from zsadx.errors import UserError
+from zsadx.files import disk_full
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -69,6 +69,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsadx", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user errors too (or set ZSADX_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="list registered methods, datasets or backbone configs")
@@ -110,11 +112,37 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("zsadx").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     logging.getLogger("launch").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    debug = args.debug or os.environ.get("ZSADX_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
-    except (ConfigError, UnknownNameError, FileNotFoundError, ShardError) as exc:
-        print(f"zsadx {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
+        error = user_error(exc)
+        if error is None or debug:
+            raise
+        print(f"zsadx {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error to show a user in one line, or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, UserError):
+        return exc
+    if isinstance(exc, OSError):
+        full = disk_full(exc, exc.filename or "?")
+        if full is not None:
+            return full
+        if exc.filename is not None or isinstance(exc, FileNotFoundError):
+            return exc  # missing file, permission denied, ...: the message names the file
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message on one line (multi-line messages such as layouts are joined with ' | ')."""
+    if isinstance(exc, OSError) and not isinstance(exc, UserError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc)
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import yaml
 
+from zsadx.errors import UserError
+
 T = TypeVar("T")
 
 BASE_KEY = "_base_"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, key or value is wrong; the message names it."""
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 from typing import Callable, Generic, Iterator, TypeVar
 
 from zsadx.config import suggest
+from zsadx.errors import UserError
 
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name that no plug-in was registered under; the message suggests the closest one."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message

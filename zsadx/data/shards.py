@@ -31,6 +31,7 @@ from typing import Iterator, Optional, Sequence
 
 from PIL import Image
 
+from zsadx.errors import UserError
 from zsadx.data.records import Record, read_manifest
 from zsadx.data.transforms import nearest_mask, resize_image, soft_mask
 
@@ -41,7 +42,7 @@ INDEX = "index.json"
 PROGRESS = "_progress"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard is missing, truncated or corrupt; the message names the shard and the sample key."""
 
 

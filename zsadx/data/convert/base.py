@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from zsadx.data.catalog import DATASETS, DatasetEntry
+from zsadx.errors import UserError
 from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, write_manifest
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(UserError, FileNotFoundError):
     """The raw folder does not have the layout the converter expects."""
 
     def __init__(self, dataset: str, expected: str, missing: Path | str, hint: str = ""):
