@@ -93,3 +93,17 @@ def make_shards(root: Path, datasets: dict[str, int], size: int = 96, seed: int 
     (root / "manifest.jsonl").write_text("".join(manifests))
     write_shards(root / "manifest.jsonl", root / "shards", size=size, progress=False)
     return root / "shards"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 256 KiB tmpfs (root can mount one): writes past its size fail with ENOSPC."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
