@@ -10,14 +10,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("grid", help="plan, run and follow a study grid (submitit: slurm, local or debug)")
     gsub = p.add_subparsers(dest="grid_command", required=True)
     for name, help_ in [("plan", "print the cells and what is already done, run nothing"),
-                        ("run", "submit the missing, stale and failed cells (returns once submitted)"),
-                        ("status", "done / running / failed cells, with each failure's log and last error line")]:
+                        ("run", "submit the missing, stale, failed and lost cells (slurm: returns once "
+                                "submitted; local and debug: run them all, then return)"),
+                        ("status", "done / running / failed / lost cells, with each failure's log and last error line")]:
         g = gsub.add_parser(name, help=help_)
         g.add_argument("grid", help="grid config, e.g. grids/demo")
         g.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cluster=local seeds=[0,1]")
         if name == "run":
             g.add_argument("--force", action="store_true", help="recompute finished cells too")
             g.add_argument("--wait", action="store_true", help="follow SLURM jobs until they end")
+            g.add_argument("--wait-lock", action="store_true",
+                           help="wait for another run of this grid to finish instead of refusing")
         g.set_defaults(func=_grid)
     t = sub.add_parser("table", help="results table of a grid folder or of any folder of results files")
     t.add_argument("path", help="grid config (grids/NAME), grid output folder, or folder of results files")
@@ -32,38 +35,67 @@ def add_parser(sub) -> None:
 
 
 def _grid(args: argparse.Namespace) -> int:
-    from launch import cache, fanout
     from launch.grid import expand, load_grid
 
     t0 = time.perf_counter()
     plan = expand(load_grid(args.grid, args.overrides))
-    cells = [*plan.train, *plan.evals]
     if args.grid_command == "run":
-        summary = fanout.run(plan, force=args.force, wait=args.wait)
-        if not summary["train"] and not summary["eval"]:
-            print(f"nothing to do: all {len(cells)} cells are done ({time.perf_counter() - t0:.1f} s)")
-        return 0
-    states = {c.id: cache.state(c) for c in cells}
-    if args.grid_command == "plan":
-        for c in cells:
-            print(f"{states[c.id]:9s} {c.id}")
-    else:  # status
-        for c in cells:
+        return _run(plan, args, t0)
+    return _plan_or_status(plan, args.grid_command)
+
+
+def _run(plan, args: argparse.Namespace, t0: float) -> int:
+    """Exit 1 when a cell this run waited for failed or was lost."""
+    from launch import fanout
+
+    summary = fanout.run(plan, force=args.force, wait=args.wait, wait_lock=args.wait_lock)
+    if not summary["train"] and not summary["eval"]:
+        left = {why: len(ids) for why, ids in summary["skipped"].items() if ids}
+        n = len(plan.train) + len(plan.evals)
+        print(f"nothing to do: all {n} cells are done ({time.perf_counter() - t0:.1f} s)" if not left else
+              f"nothing submitted: {n - sum(left.values())} of {n} cells done, "
+              + ", ".join(f"{k} {why}" for why, k in left.items()))
+    return 1 if summary["failed"] else 0
+
+
+def _plan_or_status(plan, command: str) -> int:
+    from launch import cache, fanout
+    from launch.grid import absent_data
+
+    cells = [*plan.train, *plan.evals]
+    absent = absent_data(plan)
+    for line in absent.warnings("cannot run" if command == "plan" else "cannot run (`grid run` skips them)"):
+        print(line)
+    states = cache.states(cells)
+    for c in cells:
+        if c.id in absent.cells and states[c.id] != "done":
+            states[c.id] = "no-data"
+    for c in cells:
+        s = states[c.id]
+        line = f"{s:9s} {c.id}"
+        if command == "status":
             marker = cache.read_marker(c.folder) or {}
-            s = states[c.id]
-            line = f"{s:9s} {c.id}"
-            if s in ("failed", "running", "submitted") and marker.get("job_id"):
-                line += f"  [job {marker['job_id']}]"
-            print(line)
-            if s == "failed":
-                print(f"          log: {marker.get('log_file') or marker.get('log')}")
-                print(f"          error: {marker.get('error')}")
-    counts = {}
+            line += _where(s, marker)
+        print(line)
+        if command == "status" and s in ("failed", "lost"):
+            for extra in fanout.failure_lines(s, marker):
+                print(extra)
+    counts: dict[str, int] = {}
     for s in states.values():
         counts[s] = counts.get(s, 0) + 1
     print(f"{len(plan.train)} training and {len(plan.evals)} evaluation cells: "
           + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return 1 if args.grid_command == "status" and counts.get("failed") else 0
+    return 1 if command == "status" and (counts.get("failed") or counts.get("lost")) else 0
+
+
+def _where(state: str, marker: dict) -> str:
+    """Where an open (or lost) cell runs: its SLURM job, or its process and host."""
+    if state not in ("running", "submitted", "lost", "failed"):
+        return ""
+    if marker.get("cluster") == "slurm" or (marker.get("job_id") and not marker.get("where")):
+        return f"  [job {marker['job_id']}]" if marker.get("job_id") else ""
+    where = marker.get("where") or {}
+    return f"  [pid {where['pid']} on {where.get('host')}]" if where.get("pid") else ""
 
 
 def _table(args: argparse.Namespace) -> int:

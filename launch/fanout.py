@@ -4,22 +4,32 @@
   GPUs; one task per node, each an ``accelerate launch``),
   then one evaluation array per training job with ``--dependency=afterany:<train job>`` (the eval job
   checks that its training succeeded and fails with that reason otherwise), plus one array for the
-  evaluations that need no new training. ``run`` returns once everything is submitted.
-* ``local``: the same jobs as local processes (submitit's LocalExecutor), stage after stage.
-* ``debug``: in this process, one after the other (no submitit; for debugging a cell).
+  evaluations that need no new training. ``run`` returns once everything is submitted (``wait``:
+  it follows the cells to the end).
+* ``local``: the same jobs as local processes (submitit's LocalExecutor), stage after stage; ``run``
+  blocks until every cell has finished, printing a line per cell.
+* ``debug``: in this process, one after the other (no submitit; for debugging a cell); blocks too.
 
-Only missing, stale or failed cells are submitted (``force`` resubmits everything).
+Only missing, stale, failed or lost cells are submitted (``force`` resubmits finished ones too). A
+cell whose job or process still runs is never submitted a second time, and cells whose datasets the
+shard folder lacks are not submitted at all. One ``run`` at a time per grid folder (a lock).
 """
 from __future__ import annotations
 
 import os
 import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from launch import cache
-from launch.grid import EvalCell, Plan, TrainCell
+from launch.grid import EvalCell, Plan, TrainCell, absent_data
 from launch.jobs import CellBatch, CellJob
+from zsadx.files import FolderLock
+
+FINAL = ("done", "failed", "lost")
+GRID_LOCK = ".grid.lock"
 
 
 def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str] = None, nodes: int = 1):
@@ -53,9 +63,10 @@ def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str]
     return ex
 
 
-def _spec(cell, key: Optional[str], processes: int = 1) -> dict:
+def _spec(cell, key: Optional[str], processes: int = 1, cluster: str = "debug") -> dict:
     spec = {"id": cell.id, "folder": str(cell.folder), "config": cell.config, "key": key, "method": cell.method,
-            "train_set": cell.train_set, "seed": cell.seed}
+            "train_set": cell.train_set, "seed": cell.seed, "cluster": cluster,
+            "token": uuid.uuid4().hex}  # this submission, in the markers its job writes
     if isinstance(cell, TrainCell):
         spec.update(kind="train", processes=processes)
     else:
@@ -64,12 +75,39 @@ def _spec(cell, key: Optional[str], processes: int = 1) -> dict:
     return spec
 
 
-def todo(plan: Plan, force: bool = False) -> tuple[list[TrainCell], list[EvalCell]]:
-    trains = [c for c in plan.train if force or cache.state(c) != "done"]
-    retrain = {c.id for c in trains}
-    evals = [c for c in plan.evals if force or (c.train is not None and c.train.id in retrain)
-             or cache.state(c) != "done"]
-    return trains, evals
+@dataclass
+class Todo:
+    """What a run submits, and what it leaves alone and why."""
+    train: list[TrainCell]
+    evals: list[EvalCell]
+    states: dict[str, str]                                    # every cell's state before the run
+    alive: list[str] = field(default_factory=list)            # still queued or running: never twice
+    after_alive: list[str] = field(default_factory=list)      # evaluations of a training still running
+    no_data: list[str] = field(default_factory=list)          # their datasets are not sharded
+
+
+def todo(plan: Plan, force: bool = False, states: Optional[dict[str, str]] = None,
+         no_data: frozenset[str] | set[str] = frozenset()) -> Todo:
+    states = states if states is not None else cache.states([*plan.train, *plan.evals])
+    t = Todo([], [], states)
+    for c in plan.train:
+        if c.id in no_data:
+            t.no_data.append(c.id)
+        elif states[c.id] in cache.OPEN:
+            t.alive.append(c.id)
+        elif force or states[c.id] != "done":
+            t.train.append(c)
+    retrain = {c.id for c in t.train}
+    for c in plan.evals:
+        if c.id in no_data:
+            t.no_data.append(c.id)
+        elif states[c.id] in cache.OPEN:
+            t.alive.append(c.id)
+        elif c.train is not None and c.train.id in t.alive:
+            t.after_alive.append(c.id)  # its checkpoint is not written yet
+        elif force or (c.train is not None and c.train.id in retrain) or states[c.id] != "done":
+            t.evals.append(c)
+    return t
 
 
 def _submit_array(ex, specs: list[dict]) -> list:
@@ -78,111 +116,173 @@ def _submit_array(ex, specs: list[dict]) -> list:
     with ex.batch():
         jobs = [ex.submit(CellJob(s)) for s in specs]
     for s, j in zip(specs, jobs):
-        cache.write_marker(Path(s["folder"]), id=s["id"], status="submitted", job_id=j.job_id,
-                           log=str(j.paths.stderr), error=None)
+        cache.mark_submitted(Path(s["folder"]), s, str(j.job_id), str(j.paths.stderr))
     return jobs
 
 
-def run(plan: Plan, force: bool = False, wait: bool = False, log=print) -> dict:
+def run(plan: Plan, force: bool = False, wait: bool = False, log=print, wait_lock: bool = False) -> dict:
+    """Submit what the grid needs; with the grid folder's lock held (another run of the same grid
+    raises LockedError naming its holder, or is waited for with ``wait_lock``). Returns
+    {train, eval, jobs, skipped: {reason: [ids]}, failed: [ids] (blocking runs: failed or lost)}."""
     g = plan.grid
-    trains, evals = todo(plan, force)
-    summary = {"train": len(trains), "eval": len(evals), "jobs": []}
-    if not trains and not evals:
+    with FolderLock(g.out_dir, f"grid '{g.name or g.out_dir}'", name=GRID_LOCK, wait=wait_lock):
+        absent = absent_data(plan)
+        for line in absent.warnings("are not submitted"):
+            log(line)
+        t = todo(plan, force, no_data=absent.cells)
+        summary = {"train": len(t.train), "eval": len(t.evals), "jobs": [], "failed": [],
+                   "skipped": {"still running": t.alive, "training still running": t.after_alive,
+                               "no data": t.no_data}}
+        if t.alive:
+            log(f"{len(t.alive)} cell(s) still queued or running are left alone (see `zsadx grid status`)")
+        if t.after_alive:
+            log(f"{len(t.after_alive)} evaluation(s) wait for their training, still running: run again after it")
+        if not t.train and not t.evals:
+            return summary
+        folder = Path(g.out_dir) / "submitit" / time.strftime("%Y%m%d-%H%M%S")
+        progress = Progress(len(t.train) + len(t.evals), log)
+        if g.cluster == "slurm":
+            summary["jobs"] = _run_slurm(plan, t, folder, log)
+            if wait:
+                watch([c.folder for c in (*t.train, *t.evals)], progress)
+        elif g.cluster == "debug":
+            _run_debug(t, progress)
+        else:
+            summary["jobs"] = _run_local(plan, t, folder, progress)
+        if g.cluster != "slurm" or wait:
+            summary["failed"] = progress.report_end()
         return summary
-    folder = Path(g.out_dir) / "submitit" / time.strftime("%Y%m%d-%H%M%S")
-    gpus = g.slurm.gpus_per_node if g.cluster == "slurm" else 0
-    procs = max(1, gpus)
+
+
+def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
+    g = plan.grid
+    procs = max(1, g.slurm.gpus_per_node)
+    tex = _executor(plan, folder, g.slurm.gpus_per_node, nodes=g.slurm.nodes)
     train_jobs = {}
-    tex = _executor(plan, folder, gpus, nodes=g.slurm.nodes if g.cluster == "slurm" else 1)
-    if g.cluster == "slurm":
-        for c in trains:
-            (job,) = _submit_array(tex, [_spec(c, None, procs)])
-            train_jobs[c.id] = job
-        by_train: dict[Optional[str], list[dict]] = {}
-        for c in evals:
-            dep = c.train.id if c.train is not None and c.train.id in train_jobs else None
-            by_train.setdefault(dep, []).append(_spec(c, None))
-        eval_jobs = []
-        for dep, specs in by_train.items():
-            ex = _executor(plan, folder, dependency=f"afterany:{train_jobs[dep].job_id}" if dep else None)
-            eval_jobs += _submit_array(ex, specs)
-        summary["jobs"] = [j.job_id for j in (*train_jobs.values(), *eval_jobs)]
-        log(f"submitted {len(train_jobs)} training job(s) and {len(eval_jobs)} evaluation task(s) to SLURM "
-            f"(logs under {folder})")
-        if wait:
-            follow_markers([Path(c.folder) for c in (*trains, *evals)], log)
-        return summary
-    if g.cluster == "debug":  # in this process, in order; failures stay in the markers
-        for spec in [_spec(c, None, 1) for c in trains] + [_spec(c, None) for c in evals]:
-            try:
-                CellJob(spec)()
-            except Exception as exc:  # noqa: BLE001
-                log(f"{spec['id']} failed: {exc}")
-        return summary
-    # local: stage after stage, in this call; the machine's cores are split between the jobs
+    for c in t.train:
+        (job,) = _submit_array(tex, [_spec(c, None, procs, "slurm")])
+        train_jobs[c.id] = job
+    by_train: dict[Optional[str], list[dict]] = {}
+    for c in t.evals:
+        dep = c.train.id if c.train is not None and c.train.id in train_jobs else None
+        by_train.setdefault(dep, []).append(_spec(c, None, cluster="slurm"))
+    eval_jobs = []
+    for dep, specs in by_train.items():
+        ex = _executor(plan, folder, dependency=f"afterany:{train_jobs[dep].job_id}" if dep else None)
+        eval_jobs += _submit_array(ex, specs)
+    log(f"submitted {len(train_jobs)} training job(s) and {len(eval_jobs)} evaluation task(s) to SLURM "
+        f"(logs under {folder})")
+    return [j.job_id for j in (*train_jobs.values(), *eval_jobs)]
+
+
+def _run_debug(t: Todo, progress: "Progress") -> None:
+    """In this process, in order; failures stay in the markers (and are reported at the end)."""
+    for spec in [_spec(c, None, 1) for c in t.train] + [_spec(c, None) for c in t.evals]:
+        progress.started(spec["id"])
+        try:
+            CellJob(spec)()
+        except Exception:  # noqa: BLE001 - recorded in the cell's marker
+            pass
+        progress.finished(spec["id"], Path(spec["folder"]))
+
+
+def _run_local(plan: Plan, t: Todo, folder: Path, progress: "Progress") -> list[str]:
+    """Stage after stage, in this call; the machine's cores are split between the jobs."""
     cores = os.cpu_count() or 1
-    tspecs = [{**_spec(c, None, 1), "threads": max(1, cores // max(1, len(trains)))} for c in trains]
-    jobs = _submit_array(tex, tspecs)
-    follow(jobs, log, label="training")
-    n = max(1, min(len(evals), cores))
-    specs = [{**_spec(c, None), "threads": max(1, cores // n)} for c in evals]
+    tspecs = [{**_spec(c, None, 1, "local"), "threads": max(1, cores // max(1, len(t.train)))} for c in t.train]
+    jobs = _submit_array(_executor(plan, folder), tspecs)
+    watch([c.folder for c in t.train], progress)
+    _reap(jobs)
+    n = max(1, min(len(t.evals), cores))
+    specs = [{**_spec(c, None, cluster="local"), "threads": max(1, cores // n)} for c in t.evals]
     ex = _executor(plan, folder)
     with ex.batch():
         eval_jobs = [ex.submit(CellBatch(specs[i::n])) for i in range(n)] if specs else []
-    follow(eval_jobs, log, label="evaluation batches")
-    summary["jobs"] = [j.job_id for j in (*jobs, *eval_jobs)]
-    return summary
+    for i, job in enumerate(eval_jobs):
+        for s in specs[i::n]:
+            cache.mark_submitted(Path(s["folder"]), s, str(job.job_id), str(job.paths.stderr))
+    watch([c.folder for c in t.evals], progress)
+    _reap(eval_jobs)
+    return [j.job_id for j in (*jobs, *eval_jobs)]
 
 
-def follow(jobs: list, log=print, label: str = "jobs", poll: float = 2.0) -> None:
-    """Wait for ``jobs``, printing progress; failures are recorded in the markers, never raised."""
-    if not jobs:
-        return
-    t0 = time.time()
-    pending = list(jobs)
-    last = None
+def _reap(jobs: list) -> None:
+    """Wait for local job processes whose cells have all finished (failures are in the markers)."""
+    for j in jobs:
+        try:
+            j.result()
+        except Exception:  # noqa: BLE001 - the cell marker holds the error
+            pass
+
+
+class Progress:
+    """One line per cell as it starts and ends: ``[n/N] done <id> (elapsed)``; at the end the
+    failed and lost cells with their logs and errors, as ``zsadx grid status`` shows them."""
+
+    def __init__(self, total: int, log: Callable = print):
+        self.total, self.log, self.t0 = total, log, time.time()
+        self.ended: dict[str, str] = {}
+        self.seen: set[str] = set()
+
+    def _elapsed(self) -> str:
+        return f"{time.time() - self.t0:.0f} s"
+
+    def started(self, cell_id: str) -> None:
+        if cell_id not in self.seen:
+            self.seen.add(cell_id)
+            self.log(f"[{len(self.ended)}/{self.total}] started {cell_id} ({self._elapsed()})")
+
+    def finished(self, cell_id: str, folder: Path, status: Optional[str] = None) -> None:
+        if cell_id in self.ended:
+            return
+        marker = cache.read_marker(folder) or {}
+        status = status or marker.get("status") or "lost"
+        self.ended[cell_id] = status
+        self.seen.add(cell_id)
+        self.log(f"[{len(self.ended)}/{self.total}] {status} {cell_id} ({self._elapsed()})")
+        if status != "done":
+            for line in failure_lines(status, marker):
+                self.log(line)
+
+    def report_end(self) -> list[str]:
+        bad = [i for i, s in self.ended.items() if s != "done"]
+        counts: dict[str, int] = {}
+        for s in self.ended.values():
+            counts[s] = counts.get(s, 0) + 1
+        self.log(f"{len(self.ended)}/{self.total} cells ended: "
+                 + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" ({self._elapsed()})")
+        if bad:
+            self.log(f"{len(bad)} cell(s) did not finish: {', '.join(bad)}")
+        return bad
+
+
+def failure_lines(status: str, marker: dict) -> list[str]:
+    """The log and error lines under a failed or lost cell."""
+    log = marker.get("log_file") or marker.get("log")
+    error = cache.lost_reason(marker) if status == "lost" else marker.get("error")
+    return [f"          log: {log}", f"          error: {error}"]
+
+
+def watch(folders: list[Path], progress: Progress, poll: float = 2.0) -> None:
+    """Follow cells through their markers until each is done, failed or lost (its job or process
+    gone); no sacct needed, clusters without accounting work."""
+    pending = {str(f): Path(f) for f in folders}
     while pending:
-        still = []
-        for j in pending:
-            if j.done():
-                try:
-                    j.result()
-                except Exception:  # noqa: BLE001 - the cell marker holds the error
-                    pass
-            else:
-                still.append(j)
-        pending = still
-        line = f"{label}: {len(jobs) - len(pending)}/{len(jobs)} finished ({time.time() - t0:.0f} s)"
-        if line != last and (not pending or int(time.time() - t0) % 10 == 0):
-            log(line)
-            last = line
+        live = cache.Liveness()
+        for key, folder in list(pending.items()):
+            status, marker = cache.marker_status(folder, live)
+            cell_id = (marker or {}).get("id") or key
+            if status == "running":
+                progress.started(cell_id)
+            if status in FINAL:
+                progress.finished(cell_id, folder, status)
+                del pending[key]
         if pending:
             time.sleep(poll)
 
 
-def follow_markers(folders: list[Path], log=print, poll: float = 3.0) -> None:
-    """Follow SLURM cells through their markers (no sacct needed: clusters without accounting work);
-    a cell whose job left the queue without a final marker is marked failed ('lost')."""
-    import subprocess
-
-    t0, last = time.time(), None
-    while True:
-        markers = [cache.read_marker(f) or {} for f in folders]
-        open_ = [(f, m) for f, m in zip(folders, markers) if m.get("status") not in ("done", "failed")]
-        if open_:
-            queued = set(subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split())
-            for f, m in open_:
-                job = str(m.get("job_id", ""))
-                if job and job not in queued:
-                    time.sleep(1.0)  # the job may be writing its marker right now
-                    if (cache.read_marker(f) or {}).get("status") not in ("done", "failed"):
-                        cache.write_marker(f, status="failed", error=f"job {job} left the queue without a result")
-        done = sum(m.get("status") == "done" for m in markers)
-        failed = sum(m.get("status") == "failed" for m in markers)
-        line = f"cells: {done} done, {failed} failed, {len(folders) - done - failed} queued or running"
-        if line != last:
-            log(f"{line} ({time.time() - t0:.0f} s)")
-            last = line
-        if not open_:
-            return
-        time.sleep(poll)
+def follow_markers(folders: list[Path], log=print, poll: float = 3.0) -> list[str]:
+    """Follow cells (e.g. SLURM jobs submitted earlier) to their end; returns the ones not done."""
+    progress = Progress(len(folders), log)
+    watch(folders, progress, poll)
+    return progress.report_end()

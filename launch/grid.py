@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from zsadx.config import ConfigError, load_config, load_yaml, to_dict
+from zsadx.files import resolve_within, safe_component
 
 
 @dataclass
@@ -87,6 +88,21 @@ class GridConfig:
             raise ConfigError("'seeds' is empty")
         if self.slurm.nodes < 1:
             raise ConfigError(f"'slurm.nodes' must be at least 1, got {self.slurm.nodes}")
+        self._check_path_names()
+
+    def _check_path_names(self) -> None:
+        """Labels, train set and dataset names become folders of the cells: one path component each."""
+        for i, m in enumerate(self.methods):
+            if m.label is not None:
+                safe_component(m.label, f"grid key 'methods[{i}].label':")
+        for i, d in enumerate(self.protocol.datasets):
+            safe_component(d, f"grid key 'protocol.datasets[{i}]':")
+        for i, d in enumerate(self.test_sets):
+            safe_component(d, f"grid key 'test_sets[{i}]':")
+        for i, ts in enumerate(self.train_sets):
+            safe_component(ts.name, f"grid key 'train_sets[{i}].name':")
+            for j, src in enumerate(ts.sources):
+                safe_component(src.get("dataset", ""), f"grid key 'train_sets[{i}].sources[{j}].dataset':")
 
 
 @dataclass(frozen=True)
@@ -176,7 +192,17 @@ class Plan:
 
 
 def _method_name(m: GridMethod) -> str:
-    return m.label or load_yaml(m.config).get("name", Path(m.config).stem)
+    if m.label:
+        return m.label
+    return safe_component(load_yaml(m.config).get("name", Path(m.config).stem),
+                          f"method name (key 'name' of {m.config}; or set the grid's 'label'):")
+
+
+def _cell_folder(out: Path, *parts: str) -> Path:
+    """``out/parts...``, refused when it would lie outside ``out`` (also through a symbolic link)."""
+    folder = out.joinpath(*parts)
+    resolve_within(out, folder.relative_to(out), "cell folder")
+    return folder
 
 
 def expand(cfg: GridConfig) -> Plan:
@@ -197,15 +223,15 @@ def expand(cfg: GridConfig) -> Plan:
             if m.train:
                 ts = pairing.train_set
                 sources = [{"shards": cfg.shards, "split": "test", **s} for s in ts.sources]
-                tfolder = out / "train" / label / ts.name / f"seed{seed}"
+                tfolder = _cell_folder(out, "train", label, ts.name, f"seed{seed}")
                 tcfg = load_config(TrainConfig, m.train, overrides=[
                     *method_over, *m.train_overrides, f"seed={seed}", f"out_dir={tfolder / 'run'}",
                     "resume=latest", "progress=false", "data.sources=" + json.dumps(sources)])
                 tcell = TrainCell(label, ts.name, seed, to_dict(tcfg), tfolder)
                 trains.setdefault(tcell.id, tcell)
             for dataset, shots in itertools.product(pairing.tests, m.shots):
-                folder = out / "eval" / label / pairing.train_set.name / dataset / (
-                    f"seed{seed}" + (f"-{shots}shot" if shots else ""))
+                folder = _cell_folder(out, "eval", label, pairing.train_set.name, dataset,
+                                      f"seed{seed}" + (f"-{shots}shot" if shots else ""))
                 ecfg = load_config(EvalConfig, data={"method": load_yaml(m.config)}, overrides=[
                     *method_over, f"method.shots={shots}", *cfg.eval_overrides, f"seed={seed}",
                     f"data.shards={cfg.shards}", f"data.dataset={dataset}", f"out_dir={folder}"])
@@ -216,6 +242,58 @@ def expand(cfg: GridConfig) -> Plan:
                 cell = EvalCell(label, pairing.train_set.name, dataset, seed, shots, to_dict(ecfg), folder, tcell)
                 evals.setdefault(cell.id, cell)
     return Plan(cfg, list(trains.values()), list(evals.values()))
+
+
+@dataclass
+class AbsentData:
+    """Datasets the grid needs that its shard folders do not hold, and the cells that need them."""
+    datasets: dict[str, list[str]]   # shard folder -> absent datasets
+    errors: dict[str, str]           # shard folder -> why its index cannot be read
+    cells: set[str]                  # ids of the cells that cannot run
+
+    def warnings(self, action: str) -> list[str]:
+        """One line per shard folder; ``action``: what happens to the cells ('are not submitted')."""
+        n = len(self.cells)
+        lines = [f"warning: {root}: no shard index usable ({why}); {n} cell(s) that need it {action}"
+                 for root, why in self.errors.items()]
+        lines += [f"warning: {root} has no dataset {', '.join(names)}; the {n} cell(s) that need "
+                  f"{'it' if len(names) == 1 else 'them'} {action} (shard them with `zsadx data shard`, "
+                  f"or remove them from the grid)" for root, names in self.datasets.items()]
+        return lines
+
+
+def _datasets_needed(plan: Plan) -> dict[str, list[tuple[str, str]]]:
+    """cell id -> [(shard folder, dataset)] it reads."""
+    need = {c.id: [(s["shards"], s["dataset"]) for s in c.config["data"]["sources"]] for c in plan.train}
+    for c in plan.evals:
+        need[c.id] = [(c.config["data"]["shards"], c.config["data"]["dataset"])]
+    return need
+
+
+def absent_data(plan: Plan) -> AbsentData:
+    """What the shard indexes lack (read once per shard folder); an eval cell whose training cell
+    cannot run cannot run either."""
+    from zsadx.data.shards import load_index
+    from zsadx.errors import UserError
+
+    need = _datasets_needed(plan)
+    present: dict[str, Optional[set[str]]] = {}
+    errors: dict[str, str] = {}
+    for root in dict.fromkeys(r for pairs in need.values() for r, _ in pairs):
+        try:
+            present[root] = {g["dataset"] for g in load_index(root)["groups"]}
+        except (UserError, OSError, ValueError, KeyError, TypeError) as exc:
+            present[root], errors[root] = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    absent: dict[str, list[str]] = {}
+    cells = set()
+    for cell_id, pairs in need.items():
+        for root, dataset in pairs:
+            if present[root] is None or dataset not in present[root]:
+                cells.add(cell_id)
+                if present[root] is not None and dataset not in absent.setdefault(root, []):
+                    absent[root].append(dataset)
+    cells |= {c.id for c in plan.evals if c.train is not None and c.train.id in cells}
+    return AbsentData({r: sorted(d) for r, d in absent.items() if d}, errors, cells)
 
 
 def load_grid(path: str, overrides=()) -> GridConfig:

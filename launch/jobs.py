@@ -23,6 +23,7 @@ from typing import Optional
 import yaml
 
 from launch import cache
+from zsadx.files import atomic_write_text
 
 # Exit codes of a trainer that stopped at a checkpoint because of SIGTERM / SIGUSR1 / SIGUSR2.
 PREEMPTED = {128 + signal.SIGTERM, 128 + signal.SIGUSR1, 128 + signal.SIGUSR2}
@@ -88,8 +89,11 @@ class CellJob:
         if _task_rank() != 0:  # another node of a multi-node training cell: rank 0 keeps the marker
             return self._train(folder)
         t0 = time.time()
+        env = _job_env()
         cache.write_marker(folder, id=spec["id"], status="running", key=spec.get("key"), host=os.uname().nodename,
-                           log=_log_path(), error=None)
+                           log=_log_path(), error=None, cluster=spec.get("cluster") or (env.cluster if env else "debug"),
+                           job_id=env.job_id if env is not None else None,
+                           where=cache.process_identity(os.getpid()), trainer=None, token=spec.get("token"))
         try:
             result = self._train(folder) if spec["kind"] == "train" else self._eval(folder)
         except BaseException as exc:  # noqa: BLE001 - record every failure, then let the scheduler see it
@@ -110,9 +114,7 @@ class CellJob:
         cfg_file = folder / "train.yaml"
         folder.mkdir(parents=True, exist_ok=True)  # other nodes may start before rank 0 wrote its marker
         # Every node of a multi-node cell writes it: atomically, so no launcher reads half a file.
-        tmp = folder / f".train.yaml.{os.getpid()}"
-        tmp.write_text(yaml.safe_dump(spec["config"], sort_keys=False))
-        os.replace(tmp, cfg_file)
+        atomic_write_text(cfg_file, yaml.safe_dump(spec["config"], sort_keys=False))
         cmd = trainer_command(int(spec.get("processes", 1)), ["-m", "zsadx.train", "--config", str(cfg_file)])
         rank = _task_rank()
         log = folder / ("train.log" if rank == 0 else f"train.node{rank}.log")
@@ -121,6 +123,8 @@ class CellJob:
             env["OMP_NUM_THREADS"] = str(spec["threads"])
         with open(log, "a") as f:
             self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            if rank == 0:  # an orphaned trainer (its job killed) keeps the cell alive: no second one
+                cache.write_marker(folder, trainer=cache.process_identity(self._child.pid))
             rc = self._child.wait()
         self._child = None
         if rc in PREEMPTED:
