@@ -16,7 +16,7 @@ from zsadx.config import ConfigError, load_config, load_yaml
 from zsadx.data.convert import convert
 from zsadx.data.shards import write_shards
 from zsadx.data.synthetic import make_raw
-from zsadx.eval.evaluator import EvalConfig, evaluate
+from zsadx.eval.evaluator import EvalConfig, evaluate, results_name
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro"}
@@ -44,8 +44,10 @@ def cfg_for(shards, dataset, out, **over):
 
 
 def test_results_file_holds_every_metric(shards, tmp_path):
-    r = evaluate(cfg_for(shards, "mpdd", tmp_path, save_overlays=1, paper_compat="true"))
-    path = tmp_path / "clip-zero-shot-mpdd.json"
+    cfg = cfg_for(shards, "mpdd", tmp_path, save_overlays=1, paper_compat="true")
+    r = evaluate(cfg)
+    (path,) = tmp_path.glob("clip-zero-shot-0shot-seed0-*-mpdd.json")
+    assert path.name == results_name(cfg)
     saved = json.loads(path.read_text())
     assert saved["images"] == r["images"] == 6 * 4  # 6 classes x (1 good + 3 anomalous species... ) test images
     assert set(saved["mean"]) == METRICS
@@ -54,8 +56,8 @@ def test_results_file_holds_every_metric(shards, tmp_path):
     assert saved["code_version"] and saved["config"]["method"]["name"] == "clip"
     assert saved["images_per_second"] > 0 and len(saved["scores"]) == saved["images"]
     assert set(saved["paper_compat"]["anomalyclip_pro"]) == set(saved["per_class"])
-    assert (tmp_path / "clip-zero-shot-mpdd.config.yaml").is_file()
-    assert len(list((tmp_path / "overlays" / "clip-mpdd").glob("*.png"))) == 6
+    assert path.with_name(path.stem + ".config.yaml").is_file()
+    assert len(list((tmp_path / "overlays" / path.stem).glob("*.png"))) == 6
     assert not list(tmp_path.glob("*.tmp*"))
 
 
@@ -88,8 +90,8 @@ def test_two_processes_give_the_numbers_of_one(shards, tmp_path):
            "--main_process_port", str(free_port()), "-m", "zsadx", *args, "--out", str(tmp_path / "two")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "clip-zero-shot-mpdd.json").read_text())
-    two = json.loads((tmp_path / "two" / "clip-zero-shot-mpdd.json").read_text())
+    (one,) = [json.loads(p.read_text()) for p in (tmp_path / "one").glob("clip-zero-shot-*-mpdd.json")]
+    (two,) = [json.loads(p.read_text()) for p in (tmp_path / "two").glob("clip-zero-shot-*-mpdd.json")]
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["images"] == one["images"]
     assert [s["key"] for s in two["scores"]] == [s["key"] for s in one["scores"]]

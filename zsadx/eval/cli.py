@@ -43,6 +43,12 @@ def format_results(r: dict) -> str:
     rows.append(f"{'mean':20s} " + " ".join(fmt(r['mean'].get(k)) for k in keys))
     if r["undefined"]:
         rows.append("undefined (left out of the mean): " + json.dumps(r["undefined"]))
+    if r.get("pixel_excluded"):
+        rows.append(f"{r['pixel_excluded']} anomalous image(s) without a mask: left out of the pixel metrics "
+                    f"(image metrics only)")
+    if r.get("subset"):
+        rows.append(f"a subset of {r['dataset']}: {len(r['classes'])} of its {len(r['catalog_classes'])} classes "
+                    f"(missing: {', '.join(r['classes_missing'])})")
     rows.append(f"{r['method']} on {r['dataset']}: {r['images']} images, {r['images_per_second']} images/s "
                 f"(model), {r['seconds']} s total, world size {r['world_size']}")
     return "\n".join(rows)

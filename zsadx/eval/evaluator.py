@@ -1,16 +1,20 @@
-"""The evaluator: a method over a dataset's eval shards -> one results file per (method, checkpoint, dataset).
+"""The evaluator: a method over a dataset's eval shards -> one results file per evaluated cell.
 
 Batches come from :class:`EvalShards` (each sample once across ranks); the method's maps are
 upsampled to the image size and smoothed as its config says; metrics accumulate per class. Under
 several processes (``accelerate launch``) every rank sends its metric state to rank 0, which
 merges and computes: the numbers are those of one process, since the metrics are exact and do not
-depend on order. The results file is written atomically (temp file + rename).
+depend on order. The results file is written atomically (temp file + rename), under a name that
+differs for every method config, checkpoint, dataset, class selection, shot count and seed
+(:func:`results_stem`). Anomalous images without a mask count for the image metrics only.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
-from zsadx.config import save_resolved, to_dict
+from zsadx.config import ConfigError, save_resolved, to_dict
 from zsadx.eval.metrics import ClassMetrics, mean_over_classes
 from zsadx.models.methods.base import MethodConfig, build_method, method_field
 from zsadx.models.scoring import gaussian_blur, upsample
@@ -44,6 +48,8 @@ class EvalConfig:
     method: MethodConfig = method_field()
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     checkpoint: Optional[str] = None
+    # A trained method without a checkpoint is refused unless this says its untrained start is meant.
+    untrained: bool = False
     out_dir: str = "runs/eval"
     autocast: Literal["no", "bf16", "fp16"] = "no"
     save_scores: bool = True          # per-image scores in the results file
@@ -53,15 +59,78 @@ class EvalConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from zsadx.config import ConfigError
-
         if not self.data.shards or not self.data.dataset:
             raise ConfigError("'data.shards' and 'data.dataset' are required for an evaluation")
+        if self.data.batch_size < 1:
+            raise ConfigError(f"'data.batch_size': {self.data.batch_size} images per batch; use 1 or more")
+        if self.data.num_workers < 0:
+            raise ConfigError(f"'data.num_workers': {self.data.num_workers} loader processes; use 0 (load in "
+                              f"the main process) or more")
+        if self.save_overlays < 0:
+            raise ConfigError(f"'save_overlays': {self.save_overlays}; use 0 (none) or a number of images per class")
+        if self.untrained and self.checkpoint:
+            raise ConfigError(f"'untrained': true with a checkpoint ({self.checkpoint}): give one or the other")
+
+
+# ------------------------------------------------------------------------------------------
+# Results file names: one file per evaluated cell
+# ------------------------------------------------------------------------------------------
+
+def results_stem(cfg: EvalConfig) -> str:
+    """``<method>-<checkpoint>-<k>shot-seed<s>-<hash>-<dataset>``: readable, and distinct for every
+    cell. The hash covers everything that changes the numbers (the whole method config, the
+    checkpoint's content, the classes, split, reference split, mask resizing, autocast), so two
+    evaluations share a file only when they compute the same thing and a re-run replaces only its own."""
+    return "-".join([_name_part(cfg.method.name), _name_part(checkpoint_label(cfg)), f"{cfg.method.shots}shot",
+                     f"seed{cfg.seed}", cell_hash(cfg), _name_part(cfg.data.dataset)])
 
 
 def results_name(cfg: EvalConfig) -> str:
-    ckpt = Path(cfg.checkpoint).stem if cfg.checkpoint else "zero-shot"
-    return f"{cfg.method.name}-{ckpt}-{cfg.data.dataset}.json"
+    return results_stem(cfg) + ".json"
+
+
+def checkpoint_label(cfg: EvalConfig) -> str:
+    """The checkpoint's file stem; ``untrained`` for a trained method run from its initialisation,
+    ``zero-shot`` for a training-free method."""
+    if cfg.checkpoint:
+        return Path(cfg.checkpoint).stem
+    return "untrained" if cfg.untrained else "zero-shot"
+
+
+def cell_hash(cfg: EvalConfig) -> str:
+    identity = {"method": to_dict(cfg.method), "checkpoint": checkpoint_identity(cfg.checkpoint),
+                "dataset": cfg.data.dataset, "classes": sorted(cfg.data.classes) if cfg.data.classes else None,
+                "split": cfg.data.split, "reference_split": cfg.data.reference_split,
+                "mask_resize": cfg.data.mask_resize, "autocast": cfg.autocast, "seed": cfg.seed,
+                "untrained": cfg.untrained}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+_CHECKPOINT_DIGESTS: dict[tuple, str] = {}
+
+
+def checkpoint_identity(path: Optional[str]) -> Optional[str]:
+    """The checkpoint's sha256 (its content, wherever it lies; cached per path, size and mtime),
+    or its path when it cannot be read (loading it reports that)."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return str(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKPOINT_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _CHECKPOINT_DIGESTS[key] = digest.hexdigest()
+    return _CHECKPOINT_DIGESTS[key]
+
+
+def _name_part(text: str) -> str:
+    """Characters other than letters, digits, '.', '_' and '-' become '_' (a name from a user's path)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(text)).lstrip(".") or "_"
 
 
 def _dist():
@@ -94,6 +163,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     t_start = time.perf_counter()
     method = build_method(cfg.method).to(device).eval()
+    check_trained(method, cfg)
     if cfg.checkpoint:
         method.load_checkpoint(cfg.checkpoint)
     size = cfg.method.input_size or cfg.method.backbone.image_size
@@ -131,7 +201,8 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
         for c in set(batch["cls"]):
             idx = [i for i, x in enumerate(batch["cls"]) if x == c]
             acc[c].add(scores[idx], batch["label"][idx], maps[idx] if has_masks else None,
-                       batch["mask"][idx] if has_masks else None, batch=f"{b} (rank {rank})")
+                       batch["mask"][idx] if has_masks else None, batch=f"{b} (rank {rank})",
+                       has_mask=torch.as_tensor(batch["has_mask"])[idx])
         n_images += len(batch["label"])
         if cfg.save_scores:
             scores_out += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
@@ -156,22 +227,53 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     results = {"method": cfg.method.name, "dataset": cfg.data.dataset, "domain": domain, "split": cfg.data.split,
                "checkpoint": cfg.checkpoint, "code_version": code_version(), "world_size": world,
                "images": n_images, "classes": classes, "per_class": per_class, "mean": mean,
-               "undefined": undefined, "shots": cfg.method.shots, "references": reference_keys,
+               "undefined": undefined, **class_coverage(index, cfg.data.dataset, classes),
+               "shots": cfg.method.shots, "references": reference_keys,
                "seconds": round(time.perf_counter() - t_start, 3),
                "model_seconds": round(t_model, 3),
                "images_per_second": round(n_images / t_model, 2) if t_model else None,
                "config": to_dict(cfg)}
+    if has_masks:
+        # Anomalous images without a mask: image metrics only (their pixel labels are unknown).
+        results["pixel_excluded"] = sum(a.pixel_excluded for a in acc.values())
+        results["pixel_excluded_per_class"] = {c: a.pixel_excluded for c, a in acc.items()}
     if cfg.paper_compat and has_masks:
         from zsadx.eval.paper_compat import anomalyclip_pro
 
         results["paper_compat"] = {"anomalyclip_pro": {c: anomalyclip_pro(a) for c, a in acc.items()}}
     if cfg.save_scores:
         results["scores"] = sorted(scores_out, key=lambda r: r["key"])
-    write_results(results, Path(cfg.out_dir) / results_name(cfg))
-    save_resolved(cfg, cfg.out_dir, name=results_name(cfg).replace(".json", ".config.yaml"))
+    stem = results_stem(cfg)
+    write_results(results, Path(cfg.out_dir) / f"{stem}.json")
+    save_resolved(cfg, cfg.out_dir, name=f"{stem}.config.yaml")
     if world > 1:
         torch.distributed.barrier()
     return results
+
+
+def check_trained(method, cfg: EvalConfig) -> None:
+    """A trained method needs its checkpoint; evaluating its random start must be asked for."""
+    trained = bool(method.trainable_parameters())
+    if trained and not cfg.checkpoint and not cfg.untrained:
+        raise ConfigError(f"method '{cfg.method.name}' is trained (it has trainable parameters) and no checkpoint "
+                          f"was given: pass --checkpoint FILE, or untrained=true to evaluate its untrained "
+                          f"initialisation")
+    if cfg.untrained and not trained:
+        raise ConfigError(f"'untrained': method '{cfg.method.name}' has no trainable parameters, so there is no "
+                          f"untrained state to evaluate: drop untrained=true")
+
+
+def class_coverage(index: dict, dataset: str, evaluated: list[str]) -> dict:
+    """Did the evaluation cover all of the dataset's classes? From the shard index's per-dataset
+    entry (which classes the shards hold of the catalogue's) and the classes evaluated; an older
+    index without that entry counts the classes its groups hold as the whole dataset."""
+    entry = (index.get("datasets") or {}).get(dataset) or {}
+    held = entry.get("classes") or sorted({g["cls"] for g in index["groups"] if g["dataset"] == dataset})
+    catalog = list(entry.get("catalog_classes") or [])
+    catalog += [c for c in [*held, *entry.get("missing_classes", [])] if c not in catalog]
+    missing = [c for c in catalog if c not in set(evaluated)]
+    return {"subset": bool(missing) or bool(entry.get("subset")), "classes_missing": missing,
+            "catalog_classes": catalog}
 
 
 def sample_references(shards: str, dataset: str, classes: list[str], shots: int, seed: int, transform,
@@ -192,7 +294,7 @@ def sample_references(shards: str, dataset: str, classes: list[str], shots: int,
         raw = {}
         for ref in shard_refs:
             for sample in iter_tar(ref.path):
-                if json.loads(sample["json"])["label"] == 0:
+                if _sample_label(sample, ref.path) == 0:
                     raw[sample["__key__"]] = (ref.path, sample)
         if len(raw) < shots:
             raise ShardError(f"few-shot needs {shots} normal '{split}' images of class '{c}' in {dataset}, "
@@ -203,12 +305,20 @@ def sample_references(shards: str, dataset: str, classes: list[str], shots: int,
     return refs, keys
 
 
+def _sample_label(sample: dict[str, bytes], shard: str) -> int:
+    from zsadx.data.shards import ShardError
+
+    try:
+        return int(json.loads(sample["json"])["label"])
+    except (KeyError, ValueError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ShardError(f"{shard}: sample '{sample.get('__key__', '?')}' has a broken 'json' member "
+                         f"({type(exc).__name__}: {exc}); re-create the shards with `zsadx data shard`") from None
+
+
 def write_results(results: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=1, default=_jsonable, allow_nan=True))
-    os.replace(tmp, path)
-    return path
+    from zsadx.files import atomic_write_json
+
+    return atomic_write_json(path, results, indent=1, default=_jsonable, allow_nan=True)
 
 
 def _jsonable(x):
@@ -220,7 +330,7 @@ def _jsonable(x):
 def _overlays(cfg: EvalConfig, batch: dict, maps: torch.Tensor, done: dict[str, int]) -> None:
     from zsadx.eval.visualize import overlay_png
 
-    folder = Path(cfg.out_dir) / "overlays" / f"{cfg.method.name}-{cfg.data.dataset}"
+    folder = Path(cfg.out_dir) / "overlays" / results_stem(cfg)
     for i, c in enumerate(batch["cls"]):
         if done.get(c, 0) >= cfg.save_overlays:
             continue

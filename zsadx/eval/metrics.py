@@ -26,6 +26,9 @@ from typing import Optional
 import numpy as np
 
 FPR_LIMIT = 0.3
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
 _SIGN = np.uint32(0x80000000)
 _EIGHT = np.ones((3, 3), dtype=bool)
 
@@ -225,10 +228,18 @@ class ClassMetrics:
     _sizes: list = field(default_factory=list)    # int64 pixel count of each region
     n_regions: int = 0
     n_masks: int = 0
+    pixel_excluded: int = 0                       # anomalous images without a mask: no pixel ground truth
     batches: int = 0
 
-    def add(self, image_scores, labels, maps=None, masks=None, batch: int | str | None = None) -> None:
-        """Add a batch: image scores (B,), labels (B,), and optionally maps (B,H,W) with masks (B,H,W)."""
+    def add(self, image_scores, labels, maps=None, masks=None, batch: int | str | None = None,
+            has_mask=None) -> None:
+        """Add a batch: image scores (B,), labels (B,), and optionally maps (B,H,W) with masks (B,H,W).
+
+        ``has_mask`` (B,) says which images have a ground-truth mask. An anomalous image without
+        one has no known pixel labels (its defect is somewhere, its mask is blank), so its pixels
+        are left out of every pixel metric rather than counted as normal; it still counts for the
+        image metrics. Omitted, every mask is taken as ground truth.
+        """
         where = f"class '{self.name}', batch {batch if batch is not None else self.batches}"
         s = _np(image_scores).astype(np.float32, copy=False).reshape(-1)
         y = _np(labels).reshape(-1)
@@ -253,7 +264,11 @@ class ClassMetrics:
                 raise MetricInputError(f"{where}: anomaly maps hold NaN or inf")
             g = g.astype(bool, copy=False)
             keys = sortable_keys(m)
+            known = _pixel_truth_known(y, has_mask, where)
             for i in range(m.shape[0]):
+                if not known[i]:
+                    self.pixel_excluded += 1
+                    continue
                 gi = g[i]
                 if not gi.any():
                     self._neg.append(keys[i].reshape(-1))
@@ -305,7 +320,8 @@ class ClassMetrics:
     def state(self) -> dict:
         """Picklable state for gathering across ranks."""
         return {k: getattr(self, k) for k in ("name", "pixel", "image_scores", "image_labels", "_neg", "_pos",
-                                               "_reg", "_sizes", "n_regions", "n_masks", "batches")}
+                                               "_reg", "_sizes", "n_regions", "n_masks", "pixel_excluded",
+                                               "batches")}
 
     def merge(self, other: "ClassMetrics | dict") -> None:
         """Append another accumulator's state (region ids are re-numbered after ours)."""
@@ -318,7 +334,18 @@ class ClassMetrics:
         self._sizes += st["_sizes"]
         self.n_regions += st["n_regions"]
         self.n_masks += st["n_masks"]
+        self.pixel_excluded += st.get("pixel_excluded", 0)
         self.batches += st["batches"]
+
+
+def _pixel_truth_known(labels: np.ndarray, has_mask, where: str) -> np.ndarray:
+    """Per image: are its pixel labels known? Normal images (all background) and masked anomalous ones."""
+    if has_mask is None:
+        return np.ones(labels.size, bool)
+    h = _np(has_mask).reshape(-1).astype(bool)
+    if h.size != labels.size:
+        raise MetricInputError(f"{where}: {h.size} has_mask flags for {labels.size} labels")
+    return ~labels.astype(bool) | h
 
 
 def _np(x) -> np.ndarray:

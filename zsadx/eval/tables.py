@@ -3,7 +3,9 @@
 Rows: datasets grouped by domain (industrial first), with a per-domain average row; columns: one
 axis of the cells (method by default; or train_set, shots, seed); each cell: the chosen metrics
 (e.g. image AUROC / AP) as mean over seeds (with std when there are several), x100. The best value
-per row and metric is bold. Missing cells (not run, failed, undefined metric) show as '-'.
+per row and metric is bold. Missing cells (not run, failed, undefined metric) show as '-'. A
+dataset evaluated on a subset of its classes (a partial download, ``--classes``) is a row of its
+own, ``mvtec-ad (2/15 classes)``, left out of the domain average.
 Formats: md, csv, tex, json; ``plot`` draws a grouped bar chart (PNG) of the first metric.
 """
 from __future__ import annotations
@@ -27,6 +29,22 @@ class Record:
     seed: int
     shots: int
     metrics: dict
+    classes: tuple[str, ...] = ()     # the classes evaluated
+    n_catalog: int = 0                # how many classes the whole dataset has (0: unknown, taken as full)
+    subset: bool = False              # evaluated on part of the dataset's classes
+
+    def row_label(self, name_classes: bool = False) -> str:
+        """The table row: the dataset, or the dataset with how many (and which) of its classes were evaluated."""
+        if not self.subset:
+            return self.dataset
+        names = f": {', '.join(sorted(self.classes))}" if name_classes else ""
+        return f"{self.dataset} ({len(self.classes)}/{self.n_catalog or '?'} classes{names})"
+
+
+def _coverage(res: dict) -> dict:
+    """Record fields on class coverage from a results file (older files lack them: a full set)."""
+    catalog = res.get("catalog_classes") or []
+    return {"classes": tuple(res.get("classes") or ()), "n_catalog": len(catalog), "subset": bool(res.get("subset"))}
 
 
 def collect(root: str | Path) -> list[Record]:
@@ -47,7 +65,7 @@ def collect(root: str | Path) -> list[Record]:
             seed = int(seed_part.split("-")[0][4:])
             shots = int(seed_part.split("-")[1].removesuffix("shot")) if "-" in seed_part else 0
             records.append(Record(parts[1], parts[2], parts[3], res.get("domain", "industrial"), seed, shots,
-                                  res["mean"]))
+                                  res["mean"], **_coverage(res)))
         return records
     for f in sorted(root.rglob("*.json")):
         try:
@@ -58,55 +76,93 @@ def collect(root: str | Path) -> list[Record]:
             continue
         cfg = res.get("config", {})
         method = cfg.get("method", {}).get("name", res.get("method", "?"))
-        records.append(Record(method, Path(cfg.get("checkpoint") or "zero-shot").stem, res["dataset"],
-                              res.get("domain", "industrial"), int(cfg.get("seed", 0)),
-                              int(cfg.get("method", {}).get("shots", 0)), res["mean"]))
+        train_set = Path(cfg["checkpoint"]).stem if cfg.get("checkpoint") else (
+            "untrained" if cfg.get("untrained") else "zero-shot")
+        records.append(Record(method, train_set, res["dataset"], res.get("domain", "industrial"),
+                              int(cfg.get("seed", 0)), int(cfg.get("method", {}).get("shots", 0)), res["mean"],
+                              **_coverage(res)))
     return records
+
+
+def check_metrics(metrics: Sequence[str], records: Sequence[Record]) -> None:
+    """Every asked-for metric is one zsadx computes (or one the results hold): a typo is an error."""
+    from zsadx.config import ConfigError, suggest
+    from zsadx.eval.metrics import METRIC_NAMES
+
+    valid = list(dict.fromkeys([*METRIC_NAMES, *(k for r in records for k in r.metrics)]))
+    if not metrics:
+        raise ConfigError(f"'--metrics': no metric named; valid: {', '.join(valid)}")
+    for m in metrics:
+        if m not in valid:
+            raise ConfigError(f"'--metrics': unknown metric '{m}'" + suggest(m, valid) + f"; valid: {', '.join(valid)}")
 
 
 @dataclass
 class Table:
     metrics: tuple[str, ...]
     columns: list[str]
-    rows: list[tuple[str, str]]                            # (domain, dataset or 'average')
-    cells: dict[tuple[str, str], list[Optional[tuple[float, Optional[float]]]]]  # (row dataset, col) -> per metric
+    rows: list[tuple[str, str]]                            # (domain, dataset row label or '<domain> average')
+    cells: dict[tuple[str, str], list[Optional[tuple[float, Optional[float]]]]]  # (row, col) -> per metric
+    subset_rows: tuple[str, ...] = ()                      # rows of datasets evaluated on part of their classes
 
 
 def _value(v) -> Optional[float]:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+def _row_labels(records: Sequence[Record]) -> list[str]:
+    """Each record's row. Different class subsets of one dataset with the same count would share a
+    label (and be averaged together): those also name their classes."""
+    subsets: dict[str, set] = {}
+    for r in records:
+        if r.subset:
+            subsets.setdefault(r.row_label(), set()).add(tuple(sorted(r.classes)))
+    return [r.row_label(name_classes=r.subset and len(subsets[r.row_label()]) > 1) for r in records]
+
+
+def _mean_std(vals: list[Optional[float]]) -> Optional[tuple[float, Optional[float]]]:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+
+
 def build(records: Sequence[Record], metrics: Sequence[str], axis: str = "method",
           columns: Optional[Sequence[str]] = None) -> Table:
+    """The table. A dataset evaluated on a subset of its classes gets its own row, labelled with the
+    share of classes, and is never part of a domain average (it is not the dataset the average of
+    other methods or papers stands for)."""
+    check_metrics(metrics, records)
     cols = list(columns) if columns else list(dict.fromkeys(str(getattr(r, axis)) for r in records))
+    labels = _row_labels(records)
     domains: dict[str, list[str]] = {}
-    for r in records:
+    subset_rows: list[str] = []
+    for r, label in zip(records, labels):
         domains.setdefault(r.domain, [])
-        if r.dataset not in domains[r.domain]:
-            domains[r.domain].append(r.dataset)
+        if label not in domains[r.domain]:
+            domains[r.domain].append(label)
+        if r.subset and label not in subset_rows:
+            subset_rows.append(label)
     order = sorted(domains, key=lambda d: (DOMAIN_ORDER.index(d) if d in DOMAIN_ORDER else 9, d))
     rows, cells = [], {}
     for dom in order:
-        for ds in domains[dom]:
-            rows.append((dom, ds))
+        for row in domains[dom]:
+            rows.append((dom, row))
             for c in cols:
-                per_metric = []
-                for m in metrics:
-                    vals = [_value(r.metrics.get(m)) for r in records
-                            if r.dataset == ds and str(getattr(r, axis)) == c]
-                    vals = [v for v in vals if v is not None]
-                    per_metric.append((statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
-                                      if vals else None)
-                cells[(ds, c)] = per_metric
+                mine = [r for r, label in zip(records, labels) if label == row and str(getattr(r, axis)) == c]
+                cells[(row, c)] = [_mean_std([_value(r.metrics.get(m)) for r in mine]) for m in metrics]
+        full = [row for row in domains[dom] if row not in subset_rows]
+        if not full:
+            continue
         rows.append((dom, f"{dom} average"))
         for c in cols:
             per_metric = []
             for i in range(len(metrics)):
-                vals = [cells[(ds, c)][i][0] for ds in domains[dom] if cells[(ds, c)][i] is not None]
+                vals = [cells[(row, c)][i][0] for row in full if cells[(row, c)][i] is not None]
                 # An average over fewer datasets than the domain has would not be comparable.
-                per_metric.append((statistics.fmean(vals), None) if len(vals) == len(domains[dom]) else None)
+                per_metric.append((statistics.fmean(vals), None) if len(vals) == len(full) else None)
             cells[(f"{dom} average", c)] = per_metric
-    return Table(tuple(metrics), cols, rows, cells)
+    return Table(tuple(metrics), cols, rows, cells, tuple(subset_rows))
 
 
 def _fmt(v: Optional[tuple[float, Optional[float]]], bold: bool, fmt: str) -> str:
@@ -125,7 +181,7 @@ def _best(table: Table, row: str, i: int) -> Optional[float]:
 
 def render(table: Table, fmt: str = "md") -> str:
     if fmt == "json":
-        return json.dumps({"metrics": table.metrics, "columns": table.columns,
+        return json.dumps({"metrics": table.metrics, "columns": table.columns, "subset_rows": list(table.subset_rows),
                            "rows": [{"domain": d, "dataset": r, **{c: table.cells[(r, c)] for c in table.columns}}
                                     for d, r in table.rows]}, indent=2)
     head = ["domain", "dataset", *table.columns]
@@ -140,6 +196,9 @@ def render(table: Table, fmt: str = "md") -> str:
             cells.append(" / ".join(parts))
         body.append([dom, row, *cells])
     caption = " / ".join(table.metrics) + " (x100; mean±std over seeds; '-' = missing)"
+    if table.subset_rows:
+        caption += ("; 'k/n classes': evaluated on k of the dataset's n classes only, left out of the "
+                    "domain average")
     if fmt == "csv":
         import csv
         import io
