@@ -181,7 +181,7 @@ def test_training_beats_the_untrained_method_on_held_out_data(shards, tmp_path, 
                                                            f"max_steps={LEARNING_STEPS[method]}", "log_every=50",
                                                            method=method)))
     auroc = {}
-    for name, ckpt in [("untrained", []), ("trained", ["--checkpoint", str(out / "final.pt")])]:
+    for name, ckpt in [("untrained", ["untrained=true"]), ("trained", ["--checkpoint", str(out / "final.pt")])]:
         # Through the command line, with the method config the run saved (same random backbone).
         assert main(["eval", "--method", str(out / "method.yaml"), "--shards", str(shards), "--dataset", "visa",
                      "--out", str(tmp_path / name), "data.num_workers=0", *ckpt]) == 0
