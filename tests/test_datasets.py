@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsadx.data.catalog import load_all
+from zsadx.data.convert.plugins import load_all
 from zsadx.data.convert import LayoutError, convert
 from zsadx.data.records import read_manifest
 from zsadx.data.synthetic import make_raw
@@ -145,17 +145,18 @@ def test_interrupted_conversion_leaves_previous_output(tmp_path, monkeypatch):
     make_raw("kvasir", raw)
     convert("kvasir", raw, tmp_path / "out", progress=False)
     before = (tmp_path / "out" / "manifest.jsonl").read_text()
-    from zsadx.data.convert import base
+    from zsadx.data.convert import pipeline
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(base, "summarize", boom)
+    monkeypatch.setattr(pipeline, "summarize", boom)
     make_raw("kvasir", raw, seed=5)  # more images, then the conversion dies before the rename
     with pytest.raises(KeyboardInterrupt):
         convert("kvasir", raw, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "manifest.jsonl").read_text() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert [p.name for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name] == []
 
 
 def test_cli_convert_prints_summary(tmp_path, capsys):

@@ -1,10 +1,12 @@
-"""The dataset catalog: one registered entry per dataset zsadx knows."""
+"""The dataset catalog entry: what zsadx knows about a dataset before reading any file of it.
+
+Pure data, importing nothing of zsadx: the plug-ins (``zsadx.data.convert.*``) hold one entry each,
+and the registry of plug-ins lives above them in :mod:`zsadx.data.convert.plugins`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
-
-from zsadx.registry import Registry
+from typing import Literal
 
 Domain = Literal["industrial", "medical", "any"]
 
@@ -28,24 +30,19 @@ class DatasetEntry:
     notes: str = ""
     # Natural-language class names some methods prompt with (class name -> phrase).
     prompt_names: dict = field(default_factory=dict, hash=False, compare=False)
+    # False where the classes come from the download itself (``folder``: the root folder's name),
+    # so ``classes`` is a placeholder and a conversion is never a subset of it.
+    fixed_classes: bool = True
 
 
-# Holds dataset plug-ins (``zsadx.data.convert.base.DatasetPlugin``): an ``entry`` plus the parser
-# of the raw layout and the synthetic download of the same layout.
-DATASETS: Registry = Registry("dataset")
+def __getattr__(name: str):
+    """``DATASETS``, ``load_all`` and ``get_entry`` moved to :mod:`zsadx.data.convert.plugins`.
 
+    Kept here, resolved lazily, for callers outside zsadx.data (zsadx/cli.py, launch/grid.py) until
+    they import the new place; importing this module still imports nothing above it.
+    """
+    if name in ("DATASETS", "load_all", "get_entry"):
+        from zsadx.data.convert import plugins
 
-def get_entry(name: str) -> DatasetEntry:
-    return load_all().get(name).entry
-
-
-def load_all() -> Registry:
-    """Import the converters, which register their datasets."""
-    import importlib
-
-    try:
-        importlib.import_module("zsadx.data.convert")
-    except ModuleNotFoundError as exc:
-        if exc.name != "zsadx.data.convert":
-            raise
-    return DATASETS
+        return getattr(plugins, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,8 +12,11 @@ def add_parser(sub) -> None:
     c = dsub.add_parser("convert", help="raw download -> manifest.jsonl (+ summary.json)")
     c.add_argument("dataset", help="catalog name (see `zsadx list datasets`)")
     c.add_argument("--root", required=True, help="folder of the raw download")
-    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--out", required=True,
+                   help="output folder: new, empty, or one zsadx converted before (only its own files are replaced)")
     c.add_argument("--variant", default=None, help="split variant where the repos disagree")
+    c.add_argument("--classes", default=None, type=_class_list,
+                   help="comma-separated classes to convert (a partial download), e.g. bottle,grid")
     c.add_argument("--workers", type=int, default=4)
     c.set_defaults(func=_convert)
 
@@ -33,10 +36,17 @@ def add_parser(sub) -> None:
     shards.add_parser(dsub)
 
 
+def _class_list(text: str) -> list[str]:
+    classes = [c.strip() for c in text.split(",") if c.strip()]
+    if not classes:
+        raise argparse.ArgumentTypeError("expected class names separated by commas, e.g. bottle,grid")
+    return classes
+
+
 def _convert(args: argparse.Namespace) -> int:
     from zsadx.data.convert import convert, format_summary
 
-    summary = convert(args.dataset, args.root, args.out, args.variant, workers=args.workers)
+    summary = convert(args.dataset, args.root, args.out, args.variant, workers=args.workers, classes=args.classes)
     print(format_summary(summary))
     print(f"manifest: {args.out}/manifest.jsonl")
     return 0
@@ -51,7 +61,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from zsadx.data.catalog import get_entry
+    from zsadx.data.convert.plugins import get_entry
 
     e = get_entry(args.dataset)
     print(f"{e.name}: {e.title} ({e.domain})\naliases: {', '.join(e.aliases) or '-'}\n"

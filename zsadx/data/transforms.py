@@ -4,23 +4,96 @@ The seeds resize images bicubically to S x S (aspect ratio squashed) and normali
 mean/std. Masks are where they differ: AnomalyCLIP, AdaCLIP and FAPrompt resize the 0/255 mask
 bilinearly and keep > 0.5; ACD-CLIP and anomalib resize with nearest neighbour. Both rules are
 offered (``mask_resize``); shards keep what each rule needs (see ``shards.py``).
+
+Every image file zsadx reads (conversion, sharding, ``zsadx predict``, the loaders) goes through
+:func:`load_image` (one-line :class:`ImageError` naming the file for unreadable files and
+decompression bombs) and :func:`to_rgb8` (high-bit-depth images scaled to 8 bits, not clipped).
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from zsadx.errors import UserError
 from zsadx.models.backbone import OPENAI_MEAN, OPENAI_STD
 
 MaskResize = Literal["bilinear", "nearest"]
 
 
+class ImageError(UserError, ValueError):
+    """An image file that cannot be read (not an image, truncated, too large); names the file."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+    """The decoded image file; anything wrong with the file is an :class:`ImageError` naming it.
+
+    Pillow's decompression-bomb guard is kept and made strict: an image above
+    ``Image.MAX_IMAGE_PIXELS`` (89 M pixels, e.g. 30000 x 30000) is refused, not decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+    except FileNotFoundError:
+        raise ImageError(path, f"{what} not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, f"is a folder, not an {what} file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, f"{what} too large to decode safely ({exc}); Pillow's limit is "
+                               f"{Image.MAX_IMAGE_PIXELS} pixels: downscale it first") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(path, f"not an {what} file Pillow can read ({type(exc).__name__})") from exc
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ValueError...)
+        raise ImageError(path, f"{type(exc).__name__}: {exc}") from exc
+    return im
+
+
+# Modes whose samples exceed 8 bits. Pillow's own convert("RGB") clips them at 255, which turns a
+# 16-bit image (nearly) white; to_rgb8 scales them by their bit depth instead.
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def full_scale(im: Image.Image, values: np.ndarray) -> float:
+    """The value that maps to 255: 2^bits - 1 of the image's bit depth.
+
+    I;16*: 16 bits. I (32-bit integers, how Pillow may decode 16-bit PNG/TIFF): 16 bits when every
+    value fits (<= 65535), else 32 bits. F (32-bit float): 1.0 when every value lies in [0, 1]
+    (normalised images), else as I.
+    """
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    top = float(np.nanmax(values)) if values.size else 0.0
+    if im.mode == "F" and top <= 1.0:
+        return 1.0
+    return 65535.0 if top <= 65535 else float(2 ** 32 - 1)
+
+
+def to_rgb8(im: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. High-bit-depth grey images are scaled, not clipped:
+    ``round(clip(value, 0, full) * 255 / full)`` with ``full = 2^bits - 1`` (:func:`full_scale`)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode not in HIGH_BIT_MODES:
+        return im.convert("RGB")
+    values = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0)
+    full = full_scale(im, values)
+    grey = np.rint(np.clip(values, 0.0, full) * (255.0 / full)).astype(np.uint8)
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
 def resize_image(im: Image.Image, size: int) -> Image.Image:
-    im = im.convert("RGB")
+    im = to_rgb8(im)
     return im if im.size == (size, size) else im.resize((size, size), Image.BICUBIC)
 
 

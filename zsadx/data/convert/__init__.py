@@ -1,4 +1,7 @@
-"""Raw-layout converters: importing this package registers every dataset plug-in."""
-from zsadx.data.convert import (bmad, classification, cut, dagm, folder, image_mask,  # noqa: F401
-                                mvtec_style, visa)
-from zsadx.data.convert.base import LayoutError, convert, format_summary  # noqa: F401
+"""Raw-layout converters: the plug-ins (one module per layout family), their registry, the pipeline.
+
+Imports run one way: ``pipeline`` -> ``plugins`` (the registry) -> the plug-in modules ->
+``base`` and the catalog entry. Nothing below imports what is above it.
+"""
+from zsadx.data.convert.base import LayoutError  # noqa: F401
+from zsadx.data.convert.pipeline import OutputFolderError, convert, format_summary  # noqa: F401

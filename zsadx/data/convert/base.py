@@ -1,30 +1,23 @@
-"""The conversion pipeline shared by every raw layout: scan -> validate -> manifest, atomically.
+"""What a dataset plug-in is made of: the plug-in base class, its scan results, shared parsing helpers.
 
 A dataset plug-in only *scans* its raw download into :class:`Candidate` rows (and knows how to
-write a synthetic download of the same layout). Everything else happens here, once: decoding each
-image and mask to catch corrupt files, size checks, checksums, materialising crops for datasets the
-repos cut into pieces (SDD bands, AITEX tiles), the summary, and the atomic write (a temp folder
-renamed at the end, so an interrupted conversion never leaves a half-written output).
+write a synthetic download of the same layout). Everything else -- validation, crops, the summary,
+the safe write of the output folder -- is the pipeline's (:mod:`zsadx.data.convert.pipeline`), and
+the registry of plug-ins sits above both (:mod:`zsadx.data.convert.plugins`).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
-import shutil
-from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
-from zsadx.data.catalog import DATASETS, DatasetEntry
+from zsadx.data.catalog import DatasetEntry
 from zsadx.errors import UserError
-from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +80,16 @@ class DatasetPlugin:
     entry: DatasetEntry
     subdir: str = ""  # the folder inside the archive's top folder, where a download has one
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
+        """Candidates of ``classes`` (the catalog's, or those chosen with ``--classes``)."""
         raise NotImplementedError
+
+    def class_dir(self, root: Path, cls: str) -> Optional[Path]:
+        """The folder holding class ``cls`` in the download, where classes have folders (else None).
+
+        The pipeline uses it to name missing or empty classes before scanning (partial downloads).
+        """
+        return None
 
     def synthesize(self, root: Path, rng: np.random.Generator) -> list[Planted]:
         raise NotImplementedError
@@ -105,11 +106,6 @@ class DatasetPlugin:
             hint = f"'{path.parent}' holds: {', '.join(siblings)}" if siblings else ""
             raise LayoutError(self.entry.name, self.entry.layout, path, hint)
         return path
-
-
-def register(plugin: DatasetPlugin) -> DatasetPlugin:
-    DATASETS.register(plugin.entry.name, plugin, aliases=plugin.entry.aliases)
-    return plugin
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,142 +155,3 @@ def seeded_split(items: Sequence, test_fraction: float, seed: int = 42) -> tuple
     n_test = int(round(len(items) * test_fraction))
     test = set(order[:n_test])
     return ([x for i, x in enumerate(items) if i not in test], [x for i, x in enumerate(items) if i in test])
-
-
-# ------------------------------------------------------------------------------------------
-# The pipeline
-# ------------------------------------------------------------------------------------------
-
-def _key(root: Path, c: Candidate) -> tuple[str, str]:
-    rel = c.image.relative_to(root).as_posix() if c.image.is_relative_to(root) else c.image.as_posix()
-    source = rel + (f"#{c.part}" if c.part else "")
-    stem = rel.rsplit(".", 1)[0]
-    # WebDataset splits a sample's file names at the first dot: keys must not contain one.
-    key = (stem + (f"_{c.part}" if c.part else "")).replace(".", "_").replace(" ", "_")
-    return key, source
-
-
-def _validate(root: Path, out: Path, final_out: Path, entry: DatasetEntry,
-              c: Candidate) -> tuple[Optional[Record], Optional[tuple[str, str]]]:
-    key, source = _key(root, c)
-    try:
-        with Image.open(c.image) as im:
-            im.load()
-            size = im.size
-            img = im.copy() if c.crop else None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken files
-        return None, (str(c.image), f"unreadable image: {type(exc).__name__}: {exc}")
-    mask_img = None
-    if c.mask is not None:
-        try:
-            with Image.open(c.mask) as m:
-                m.load()
-                msize = m.size
-                mask_img = m.copy() if c.crop else None
-        except Exception as exc:  # noqa: BLE001
-            return None, (str(c.mask), f"unreadable mask: {type(exc).__name__}: {exc}")
-        if msize != size:
-            return None, (str(c.mask), f"mask size differs: mask {msize[0]}x{msize[1]} vs image "
-                                       f"{size[0]}x{size[1]} ({c.image})")
-    image_path, mask_path = c.image, c.mask
-    if c.crop:
-        derived = out / "derived"
-        image_path = derived / f"{key}.png"
-        image_path.parent.mkdir(parents=True, exist_ok=True)
-        img.crop(c.crop).save(image_path)
-        if mask_img is not None:
-            mask_path = derived / f"{key}_mask.png"
-            mask_img.convert("L").crop(c.crop).save(mask_path)
-        size = (c.crop[2] - c.crop[0], c.crop[3] - c.crop[1])
-    rec = Record(key=key, image=str(image_path), label=int(c.label), cls=c.cls, dataset=entry.name,
-                 domain=entry.domain, split=c.split, mask=str(mask_path) if mask_path else None,
-                 specie=c.specie, width=size[0], height=size[1], source=source,
-                 sha1=file_sha1(image_path), mask_sha1=file_sha1(mask_path) if mask_path else "",
-                 mask_threshold=c.mask_threshold)
-    if c.crop:  # records point at the final location of the derived files
-        rec.image = str(final_out / image_path.relative_to(out))
-        rec.mask = str(final_out / Path(mask_path).relative_to(out)) if mask_path else None
-    return rec, None
-
-
-def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, variant: str | None = None,
-            workers: int = 4, progress: bool = True) -> dict:
-    """Convert a raw download into ``out/manifest.jsonl`` + ``out/summary.json``; returns the summary."""
-    from tqdm import tqdm
-
-    plugin: DatasetPlugin = DATASETS.get(dataset)
-    entry = plugin.entry
-    variant = variant or entry.default_variant
-    if variant not in entry.variants:
-        from zsadx.config import ConfigError, suggest
-
-        raise ConfigError(f"{entry.name}: unknown variant '{variant}'" + suggest(variant, entry.variants)
-                         + f"; variants: {', '.join(entry.variants)}")
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise LayoutError(entry.name, entry.layout, root)
-    final_out = Path(out).expanduser().resolve()
-    problems = Problems()
-    candidates = plugin.scan(root, variant, problems)
-    if not candidates:
-        raise LayoutError(entry.name, entry.layout, root, "no images were found under it")
-    tmp = final_out.parent / f".{final_out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        records: list[Record] = []
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = pool.map(lambda c: _validate(root, tmp, final_out, entry, c), candidates)
-            for rec, problem in tqdm(results, total=len(candidates), desc=f"convert {entry.name}",
-                                     disable=not progress, unit="img"):
-                if problem:
-                    problems.add(*problem)
-                else:
-                    records.append(rec)
-        keys = Counter(r.key for r in records)
-        dup = [k for k, n in keys.items() if n > 1]
-        if dup:
-            raise ValueError(f"{entry.name}: duplicate keys from the parser, e.g. {dup[:3]}")
-        records.sort(key=lambda r: (r.cls, r.split, r.key))
-        write_manifest(records, tmp / MANIFEST)
-        summary = summarize(entry, variant, root, records, problems)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
-        if final_out.exists():
-            old = final_out.parent / f".{final_out.name}.old-{os.getpid()}"
-            os.replace(final_out, old)
-            os.replace(tmp, final_out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final_out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
-
-
-def summarize(entry: DatasetEntry, variant: str, root: Path, records: Iterable[Record],
-              problems: Problems) -> dict:
-    per_class: dict[str, dict[str, int]] = defaultdict(lambda: Counter())
-    for r in records:
-        c = per_class[r.cls]
-        c[f"{r.split}_{'anomalous' if r.label else 'normal'}"] += 1
-        c["masks"] += r.mask is not None
-    return {"dataset": entry.name, "variant": variant, "domain": entry.domain, "root": str(root),
-            "images": sum(sum(v for k, v in c.items() if k != "masks") for c in per_class.values()),
-            "classes": {k: dict(sorted(v.items())) for k, v in sorted(per_class.items())},
-            "skipped": len(problems.items), "skipped_by_reason": problems.counts(),
-            "problems": [{"path": p, "reason": r} for p, r in problems.items]}
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"{summary['dataset']} ({summary['variant']}): {summary['images']} images, "
-             f"{len(summary['classes'])} classes, {summary['skipped']} skipped"]
-    cols = sorted({k for c in summary["classes"].values() for k in c})
-    lines.append(f"  {'class':24s} " + " ".join(f"{c:>16s}" for c in cols))
-    for name, counts in summary["classes"].items():
-        lines.append(f"  {name:24s} " + " ".join(f"{counts.get(c, 0):16d}" for c in cols))
-    for p in summary["problems"][:20]:
-        lines.append(f"  skipped {p['path']}: {p['reason']}")
-    if len(summary["problems"]) > 20:
-        lines.append(f"  ... and {len(summary['problems']) - 20} more (see summary.json)")
-    return "\n".join(lines)

@@ -10,17 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (Candidate, DatasetPlugin, Planted, Problems, list_images, pair_by_stem,
-                                     register, strip_suffix)
+                                     strip_suffix)
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 
 class BMAD(DatasetPlugin):
     def __init__(self, entry: DatasetEntry, folder: str):
         self.entry, self.folder = entry, folder
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         base = root / self.folder if (root / self.folder).is_dir() else root
         out = []
         (cls,) = self.entry.classes
@@ -57,12 +60,12 @@ class BMAD(DatasetPlugin):
         k = 0
         for split, specie, label in [("train", "good", 0), ("valid", "good", 0), ("valid", "Ungood", 1),
                                      ("test", "good", 0), ("test", "Ungood", 1), ("test", "Ungood", 1)] * n:
-            img, mask = synthetic.sample(48, 48, rng, bool(label), kind="medical", gray=True)
+            img, mask = drawing.sample(48, 48, rng, bool(label), kind="medical", gray=True)
             stem = f"{k // 3:05d}_{k}"   # volume_slice, as BMAD names them
             rel = Path(self.folder, split, specie, "img", f"{stem}.png")
-            synthetic.save(root / rel, img, "L")
+            drawing.save(root / rel, img, "L")
             if split != "train":  # BMAD also ships all-zero labels for good images
-                synthetic.save_mask(root / self.folder / split / specie / "label" / f"{stem}.png", mask)
+                drawing.save_mask(root / self.folder / split / specie / "label" / f"{stem}.png", mask)
             planted.append(Planted(rel.as_posix(), label, cls, bool(label), split))
             k += 1
         return planted
@@ -72,17 +75,17 @@ _LAYOUT = ("  <root>/{f}/train/good/img/*.png\n  <root>/{f}/{{valid,test}}/good/
            "  <root>/{f}/{{valid,test}}/Ungood/img/*.png\n"
            "  <root>/{f}/{{valid,test}}/Ungood/label/*.png   (MVFA: anomaly_mask/)")
 _SRC = "https://github.com/DorisBao/BMAD"
-register(BMAD(DatasetEntry(
+PLUGINS.append(BMAD(DatasetEntry(
     name="bmad-brain", title="BMAD Brain MRI (BraTS2021 slices)", domain="medical", classes=("brain",),
     has_masks=True, aliases=("brain-bmad", "brats"), splits=("train", "valid", "test"),
     layout=_LAYOUT.format(f="Brain_AD"), source=_SRC, licence="CC BY-NC-SA 4.0 (BMAD)",
     notes="640 normal / 3075 anomalous test images. Reported as 'BrainMRI' by AA-CLIP/ACD-CLIP; not the "
           "Kaggle `brainmri` set.", prompt_names={"brain": "brain MRI scan"}), "Brain_AD"))
-register(BMAD(DatasetEntry(
+PLUGINS.append(BMAD(DatasetEntry(
     name="bmad-liver", title="BMAD Liver CT (BTCV + LiTS)", domain="medical", classes=("liver",), has_masks=True,
     aliases=("liver", "liver-ct"), splits=("train", "valid", "test"), layout=_LAYOUT.format(f="Liver_AD"),
     source=_SRC, licence="CC BY-NC-SA 4.0 (BMAD)", notes="833 normal / 660 anomalous test images."), "Liver_AD"))
-register(BMAD(DatasetEntry(
+PLUGINS.append(BMAD(DatasetEntry(
     name="bmad-retina", title="BMAD Retina OCT (RESC)", domain="medical", classes=("retina",), has_masks=True,
     aliases=("retina", "resc", "retina-oct"), splits=("train", "valid", "test"),
     layout=_LAYOUT.format(f="Retina_RESC_AD"), source=_SRC, licence="CC BY-NC-SA 4.0 (BMAD)",

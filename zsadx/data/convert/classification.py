@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
-from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, register, seeded_split
+from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, seeded_split
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 SPLIT_VARIANTS = ("all-test", "dra")
 
@@ -37,7 +40,7 @@ class LabelledFolders(DatasetPlugin):
                  synth_ext: tuple[str, ...] = (".jpg",)):
         self.entry, self.folders, self.subdir, self.ignored, self.synth_ext = entry, folders, subdir, ignored, synth_ext
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         base = self.base(root)
         items = []
         for folder, label in self.folders.items():
@@ -51,20 +54,20 @@ class LabelledFolders(DatasetPlugin):
         k = 0
         for folder, label in self.folders.items():
             for _ in range(3 * n if label == 0 else 2 * n):
-                img, _ = synthetic.sample(48, 48, rng, bool(label), kind="medical", gray=True)
+                img, _ = drawing.sample(48, 48, rng, bool(label), kind="medical", gray=True)
                 ext = self.synth_ext[k % len(self.synth_ext)]
                 rel = Path(folder, f"{'Y' if label else 'N'}{k}{ext}")
-                synthetic.save(base / rel, img)
+                drawing.save(base / rel, img)
                 planted.append(Planted(((Path(self.subdir) / rel) if self.subdir else rel).as_posix(), label,
                                        self.entry.classes[0], False))
                 k += 1
         for folder in self.ignored:  # folders a real download has that are not part of the set
-            img, _ = synthetic.sample(48, 48, rng, False, kind="medical")
-            synthetic.save(base / folder / "unlabelled0.jpg", img)
+            img, _ = drawing.sample(48, 48, rng, False, kind="medical")
+            drawing.save(base / folder / "unlabelled0.jpg", img)
         return planted
 
 
-register(LabelledFolders(DatasetEntry(
+PLUGINS.append(LabelledFolders(DatasetEntry(
     name="brainmri", title="Brain MRI (Kaggle, brain tumour detection)", domain="medical", classes=("brain",),
     has_masks=False, aliases=("brain-mri", "brain_mri", "brainmri2"), variants=SPLIT_VARIANTS,
     default_variant="all-test", splits=("test",),
@@ -77,7 +80,7 @@ register(LabelledFolders(DatasetEntry(
     prompt_names={"brain": "brain MRI scan"}),
     folders={"no": 0, "yes": 1}, subdir="brain_tumor_dataset", synth_ext=(".jpg", ".JPG", ".png")))
 
-register(LabelledFolders(DatasetEntry(
+PLUGINS.append(LabelledFolders(DatasetEntry(
     name="br35h", title="Br35H (brain tumour detection 2020)", domain="medical", classes=("brain",), has_masks=False,
     aliases=("br35",), variants=SPLIT_VARIANTS, default_variant="all-test",
     layout="  <root>/yes/*.jpg   (tumour)\n  <root>/no/*.jpg    (normal)\n  (pred/ holds unlabelled images; ignored)",
@@ -85,7 +88,7 @@ register(LabelledFolders(DatasetEntry(
     notes="1500 normal / 1500 tumour."),
     folders={"no": 0, "yes": 1}, ignored=("pred",)))
 
-register(LabelledFolders(DatasetEntry(
+PLUGINS.append(LabelledFolders(DatasetEntry(
     name="covid19", title="COVID-19 Radiography (AnomalyCLIP's chest set)", domain="medical", classes=("chest",),
     has_masks=False, aliases=("covid", "chest", "covid-19"), variants=SPLIT_VARIANTS, default_variant="all-test",
     layout="  <root>/COVID-19_Radiography_Dataset/Normal/images/*.png   (normal)\n"
@@ -97,7 +100,7 @@ register(LabelledFolders(DatasetEntry(
     folders={"Normal/images": 0, "COVID/images": 1}, subdir="COVID-19_Radiography_Dataset",
     ignored=("Lung_Opacity/images",), synth_ext=(".png",)))
 
-register(LabelledFolders(DatasetEntry(
+PLUGINS.append(LabelledFolders(DatasetEntry(
     name="lag", title="LAG (large-scale attention-based glaucoma)", domain="medical", classes=("LAG",),
     has_masks=False, variants=SPLIT_VARIANTS, default_variant="all-test",
     layout="  <root>/non_glaucoma/image/*.jpg          (normal)\n"
@@ -115,7 +118,7 @@ class HeadCT(DatasetPlugin):
         source="https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage", licence="see Kaggle page",
         notes="all-test = 100 normal / 100 hemorrhage (AnomalyCLIP, AdaCLIP); dra = 25 / 100 (75% of normals to train).")
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         labels = self.require(root / "labels.csv")
         folder = root / "head_ct" / "head_ct"
         if not folder.is_dir():
@@ -138,9 +141,9 @@ class HeadCT(DatasetPlugin):
         rows, planted = [], []
         for k in range(6 * n):
             label = k % 2
-            img, _ = synthetic.sample(48, 48, rng, bool(label), kind="medical", gray=True)
+            img, _ = drawing.sample(48, 48, rng, bool(label), kind="medical", gray=True)
             rel = f"head_ct/head_ct/{k:03d}.png"
-            synthetic.save(root / rel, img)
+            drawing.save(root / rel, img)
             rows.append((k, label))
             planted.append(Planted(rel, label, "brain", False))
         with open(root / "labels.csv", "w", newline="") as f:
@@ -160,7 +163,7 @@ class ELPV(DatasetPlugin):
         notes="DRA conversion: probability 0 normal, 1 anomalous, 1/3 and 2/3 dropped; normals 75/25 "
               "train/test (seed 42); species mono/poly. 377 normal / 715 anomalous test images.")
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         labels = self.require(root / "labels.csv")
         items = []
         for line in labels.read_text().splitlines():
@@ -180,9 +183,9 @@ class ELPV(DatasetPlugin):
         lines, planted = [], []
         for k in range(8 * n):
             prob = [0.0, 1.0, 0.0, 0.3333333333333333][k % 4]
-            img, _ = synthetic.sample(40, 40, rng, prob > 0, gray=True)
+            img, _ = drawing.sample(40, 40, rng, prob > 0, gray=True)
             rel = f"images/cell{k:04d}.png"
-            synthetic.save(root / rel, img, "L")
+            drawing.save(root / rel, img, "L")
             lines.append(f"{rel}  {prob}  {'mono' if k % 2 else 'poly'}")
             if prob in (0.0, 1.0):
                 planted.append(Planted(rel, int(prob == 1.0), "elpv", False))
@@ -190,5 +193,5 @@ class ELPV(DatasetPlugin):
         return planted
 
 
-register(HeadCT())
-register(ELPV())
+PLUGINS.append(HeadCT())
+PLUGINS.append(ELPV())

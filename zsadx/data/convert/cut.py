@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
-from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, register, seeded_split
+from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, seeded_split
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 
 def _read_mask(path: Path, problems: Problems) -> np.ndarray | None:
@@ -47,7 +50,7 @@ class KolektorSDD(DatasetPlugin):
               "(anomalib): whole images, normals 80/20.",
         prompt_names={"SDD": "electrical commutators"})
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("kos"))
         if not folders:
             self.require(root / "kos01")
@@ -88,14 +91,14 @@ class KolektorSDD(DatasetPlugin):
         for k in range(2 * n):
             folder = root / f"kos{k + 1:02d}"
             for part in range(2):
-                img = synthetic.texture(60, 24, rng, gray=True)
+                img = drawing.texture(60, 24, rng, gray=True)
                 mask = np.zeros((60, 24), bool)
                 defect_band = int(rng.integers(0, 3)) if part == 0 else None
                 if defect_band is not None:
                     sub = img[defect_band * 20:(defect_band + 1) * 20]
-                    mask[defect_band * 20:(defect_band + 1) * 20] = synthetic.paste_defect(sub, rng, 0.2)
-                synthetic.save(folder / f"Part{part}.jpg", img, "L")
-                synthetic.save_mask(folder / f"Part{part}_label.bmp", mask)
+                    mask[defect_band * 20:(defect_band + 1) * 20] = drawing.paste_defect(sub, rng, 0.2)
+                drawing.save(folder / f"Part{part}.jpg", img, "L")
+                drawing.save_mask(folder / f"Part{part}_label.bmp", mask)
                 for b in range(3):
                     planted.append(Planted(f"kos{k + 1:02d}/Part{part}.jpg#band{b}", int(b == defect_band), "SDD",
                                            b == defect_band))
@@ -123,7 +126,7 @@ class AITEX(DatasetPlugin):
         d = root / name
         return d / name if (d / name).is_dir() else d
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         defects = self.require(self._folder(root, "Defect_images"))
         masks = self.require(self._folder(root, "Mask_images"))
         normal_root = self.require(self._folder(root, "NODefect_images"))
@@ -161,20 +164,20 @@ class AITEX(DatasetPlugin):
         for k in range(2 * n):
             code = ("002", "019")[k % 2]
             stem = f"{k:04d}_{code}_02"
-            img = synthetic.texture(h, w, rng, gray=True)
+            img = drawing.texture(h, w, rng, gray=True)
             mask = np.zeros((h, w), bool)
             t = int(rng.integers(0, 4))
-            mask[:, t * h:(t + 1) * h] = synthetic.paste_defect(img[:, t * h:(t + 1) * h], rng, 0.25)
-            synthetic.save(root / "Defect_images" / stem[:0] / f"{stem}.png", img, "L")
-            synthetic.save_mask(root / "Mask_images" / f"{stem}_mask.png", mask)
+            mask[:, t * h:(t + 1) * h] = drawing.paste_defect(img[:, t * h:(t + 1) * h], rng, 0.25)
+            drawing.save(root / "Defect_images" / stem[:0] / f"{stem}.png", img, "L")
+            drawing.save_mask(root / "Mask_images" / f"{stem}_mask.png", mask)
             planted.append(Planted(f"Defect_images/{stem}.png#tile{t}", 1, "AITEX", True))
         for k in range(n):
-            img = synthetic.texture(h, w, rng, gray=True)
+            img = drawing.texture(h, w, rng, gray=True)
             rel = f"NODefect_images/2311694-2040n7u/{k:04d}_000_02.png"
-            synthetic.save(root / rel, img, "L")
+            drawing.save(root / rel, img, "L")
             planted += [Planted(f"{rel}#tile{t}", 0, "AITEX", False) for t in range(4)]
         return planted
 
 
-register(KolektorSDD())
-register(AITEX())
+PLUGINS.append(KolektorSDD())
+PLUGINS.append(AITEX())

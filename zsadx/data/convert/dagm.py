@@ -16,10 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (Candidate, DatasetPlugin, Planted, Problems, list_images, pair_by_stem,
-                                     register, seeded_split, strip_suffix)
+                                     seeded_split, strip_suffix)
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 DAGM_CLASSES = tuple(f"Class{k}" for k in range(1, 11))
 
@@ -36,10 +39,10 @@ class DAGM(DatasetPlugin):
         notes="Masks are coarse ellipses (weak labels). Variants: kaggle (AnomalyCLIP, default), balanced "
               "(AdaCLIP), dra (DRA pooled 75/25).")
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
-        base = root / "DAGM_KaggleUpload" if (root / "DAGM_KaggleUpload").is_dir() else root
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
+        base = self._base(root)
         out = []
-        for cls in self.entry.classes:
+        for cls in classes:
             cdir = self.require(base / cls)
             per_state = []
             for state in ("Train", "Test"):
@@ -69,17 +72,24 @@ class DAGM(DatasetPlugin):
             out += [c for cands in per_state for c in cands]
         return out
 
+    @staticmethod
+    def _base(root: Path) -> Path:
+        return root / "DAGM_KaggleUpload" if (root / "DAGM_KaggleUpload").is_dir() else root
+
+    def class_dir(self, root: Path, cls: str) -> Path:
+        return self._base(root) / cls
+
     def synthesize(self, root: Path, rng: np.random.Generator, n: int = 1) -> list[Planted]:
         planted = []
         for cls in self.entry.classes:
             k = 0
             for state in ("Train", "Test"):
                 for label in (0, 0, 1) * n:
-                    img, mask = synthetic.sample(32, 32, rng, bool(label), gray=True)
+                    img, mask = drawing.sample(32, 32, rng, bool(label), gray=True)
                     rel = f"{cls}/{state}/{k:04d}.PNG"
-                    synthetic.save(root / rel, img, "L")
+                    drawing.save(root / rel, img, "L")
                     if label:
-                        synthetic.save_mask(root / cls / state / "Label" / f"{k:04d}_label.PNG", mask)
+                        drawing.save_mask(root / cls / state / "Label" / f"{k:04d}_label.PNG", mask)
                     planted.append(Planted(rel, label, cls, bool(label), "test" if state == "Test" else "train"))
                     k += 1
             # Labels.txt as in the release; zsadx pairs by file stem and does not need it.
@@ -89,4 +99,4 @@ class DAGM(DatasetPlugin):
         return planted
 
 
-register(DAGM())
+PLUGINS.append(DAGM())

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (Candidate, DatasetPlugin, Planted, Problems, list_images, pair_by_stem,
-                                     register, strip_suffix)
+                                     strip_suffix)
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 
 class Folder(DatasetPlugin):
@@ -21,9 +24,9 @@ class Folder(DatasetPlugin):
         has_masks=True, aliases=("custom",),
         layout="  <root>/normal/*.{png,jpg,...}\n  <root>/anomalous/*.{png,jpg,...}\n"
                "  <root>/masks/<stem>[_mask].png   (optional; anomalous images without a mask stay image-level)",
-        notes="Class name = the root folder's name. Masks are optional.")
+        notes="Class name = the root folder's name. Masks are optional.", fixed_classes=False)
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         normal = self.require(root / "normal")
         anomalous = self.require(root / "anomalous")
         cls = root.name
@@ -38,14 +41,14 @@ class Folder(DatasetPlugin):
         planted = []
         for k in range(3 * n):
             for label in (0, 1):
-                img, mask = synthetic.sample(48, 48, rng, bool(label))
+                img, mask = drawing.sample(48, 48, rng, bool(label))
                 rel = f"{'anomalous' if label else 'normal'}/img{k}.png"
-                synthetic.save(root / rel, img)
+                drawing.save(root / rel, img)
                 has_mask = bool(label and k % 3 != 2)  # one anomalous image without a mask
                 if has_mask:
-                    synthetic.save_mask(root / "masks" / f"img{k}_mask.png", mask)
+                    drawing.save_mask(root / "masks" / f"img{k}_mask.png", mask)
                 planted.append(Planted(rel, label, root.name, has_mask, "test"))
         return planted
 
 
-register(Folder())
+PLUGINS.append(Folder())

@@ -11,10 +11,13 @@ from typing import Optional
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (Candidate, DatasetPlugin, Planted, Problems, list_images, pair_by_stem,
-                                     register, strip_suffix)
+                                     strip_suffix)
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 
 class ImageMaskFolders(DatasetPlugin):
@@ -26,7 +29,7 @@ class ImageMaskFolders(DatasetPlugin):
         self.mask_suffix, self.mask_threshold, self.exts = mask_suffix, mask_threshold, exts
         self.synth_image_dir = synth_image_dir
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         base = self.base(root)
         mask_dir = self.require(base / self.mask_dir)
         if self.image_dir is not None:
@@ -54,11 +57,11 @@ class ImageMaskFolders(DatasetPlugin):
         planted = []
         (cls,) = self.entry.classes
         for k in range(3 * n):
-            img, mask = synthetic.sample(48, 48, rng, True, kind="medical")
+            img, mask = drawing.sample(48, 48, rng, True, kind="medical")
             stem = f"{k + 1}" if self.mask_suffix == "" else f"ISIC_{k:07d}"
             rel = Path(image_dir, stem + self.exts[0])
-            synthetic.save(base / rel, img)
-            synthetic.save_mask(base / self.mask_dir / f"{stem}{self.mask_suffix}{self.exts[1]}", mask)
+            drawing.save(base / rel, img)
+            drawing.save_mask(base / self.mask_dir / f"{stem}{self.mask_suffix}{self.exts[1]}", mask)
             planted.append(Planted(((Path(self.subdir) / rel) if self.subdir else rel).as_posix(), 1, cls, True, "test"))
         return planted
 
@@ -71,7 +74,7 @@ for name, title, sub, aliases, count in [
     ("kvasir", "Kvasir-SEG", "Kvasir", ("kvasir-seg",), 1000),
     ("cvc-300", "CVC-300", "CVC-300", ("cvc300",), 60),
 ]:
-    register(ImageMaskFolders(DatasetEntry(
+    PLUGINS.append(ImageMaskFolders(DatasetEntry(
         name=name, title=title, domain="medical", classes=("colon",), has_masks=True, aliases=aliases,
         layout=_POLYP_LAYOUT.format(sub=sub),
         source="https://github.com/DengPingFan/PraNet (TestDataset)", licence="research use",
@@ -79,7 +82,7 @@ for name, title, sub, aliases, count in [
         prompt_names={"colon": "colon endoscopy image"}),
         image_dir="images", mask_dir="masks", subdir=sub))
 
-register(ImageMaskFolders(DatasetEntry(
+PLUGINS.append(ImageMaskFolders(DatasetEntry(
     name="tn3k", title="TN3K (thyroid nodule ultrasound)", domain="medical", classes=("thyroid",), has_masks=True,
     layout="  <root>/test-image/NNNN.jpg\n  <root>/test-mask/NNNN.jpg   (JPEG masks)",
     source="https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation", licence="research use",
@@ -87,7 +90,7 @@ register(ImageMaskFolders(DatasetEntry(
     image_dir="test-image", mask_dir="test-mask", mask_threshold=127, exts=(".jpg", ".jpg"),
     synth_image_dir="test-image"))
 
-register(ImageMaskFolders(DatasetEntry(
+PLUGINS.append(ImageMaskFolders(DatasetEntry(
     name="endo", title="EndoTect 2020 (segmentation test set)", domain="medical", classes=("colon",),
     has_masks=True, aliases=("endotect",),
     layout="  <root>/<image folder(s)>/*.jpg   (every folder but masks/)\n  <root>/masks/<stem>.png",
@@ -95,7 +98,7 @@ register(ImageMaskFolders(DatasetEntry(
     notes="200 images, all anomalous. Mask format unconfirmed (pairs by stem, any image format)."),
     image_dir=None, mask_dir="masks", exts=(".jpg", ".png")))
 
-register(ImageMaskFolders(DatasetEntry(
+PLUGINS.append(ImageMaskFolders(DatasetEntry(
     name="isic", title="ISIC 2016 / ISBI 2016 Part 1 test", domain="medical", classes=("skin",), has_masks=True,
     aliases=("isbi", "isbi2016"),
     layout="  <root>/ISBI2016_ISIC_Part1_Test_Data/ISIC_NNNNNNN.jpg\n"

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (Candidate, DatasetPlugin, Planted, Problems, list_images, pair_by_stem,
-                                     register, strip_suffix)
+                                     strip_suffix)
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 
 class MVTecStyle(DatasetPlugin):
@@ -28,10 +31,10 @@ class MVTecStyle(DatasetPlugin):
         self.synth_ext = synth_ext or {}
         self.gray = gray
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         base = self.base(root)
         out = []
-        for cls in self.entry.classes:
+        for cls in classes:
             cdir = self.require(base / cls)
             for split in ("train", "test"):
                 sdir = cdir / split
@@ -59,6 +62,9 @@ class MVTecStyle(DatasetPlugin):
                                              mask=mask, specie=specie))
         return out
 
+    def class_dir(self, root: Path, cls: str) -> Path:
+        return self.base(root) / cls
+
     def synthesize(self, root: Path, rng: np.random.Generator, n: int = 1) -> list[Planted]:
         base = root / self.subdir if self.subdir else root
         planted = []
@@ -70,11 +76,11 @@ class MVTecStyle(DatasetPlugin):
 
             def write(split: str, specie: str, anomalous: bool) -> None:
                 nonlocal k
-                img, mask = synthetic.sample(48, 48, rng, anomalous, gray=gray)
+                img, mask = drawing.sample(48, 48, rng, anomalous, gray=gray)
                 rel = Path(cls, split, specie, f"{k:03d}{img_ext}")
-                synthetic.save(base / rel, img, "L" if gray else None)
+                drawing.save(base / rel, img, "L" if gray else None)
                 if anomalous and self.entry.has_masks:
-                    synthetic.save_mask(base / cls / "ground_truth" / specie / f"{k:03d}{self.mask_suffix}{mask_ext}", mask)
+                    drawing.save_mask(base / cls / "ground_truth" / specie / f"{k:03d}{self.mask_suffix}{mask_ext}", mask)
                 planted.append(Planted(source=(Path(self.subdir) / rel).as_posix() if self.subdir else rel.as_posix(),
                                        label=int(anomalous), cls=cls, has_mask=anomalous and self.entry.has_masks,
                                        split=split))
@@ -91,7 +97,7 @@ class MVTecStyle(DatasetPlugin):
 MVTEC_CLASSES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
                  "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 
-register(MVTecStyle(DatasetEntry(
+PLUGINS.append(MVTecStyle(DatasetEntry(
     name="mvtec-ad", title="MVTec AD", domain="industrial", classes=MVTEC_CLASSES, has_masks=True,
     aliases=("mvtec", "mvtecad", "mvtec_anomaly_detection"), splits=("train", "test"),
     layout="  <root>/<class>/train/good/NNN.png\n  <root>/<class>/test/{good,<defect>}/NNN.png\n"
@@ -102,7 +108,7 @@ register(MVTecStyle(DatasetEntry(
     synth_species={"bottle": ("broken_large", "contamination"), "screw": ("scratch_head",)},
     gray=("grid", "screw", "zipper")))
 
-register(MVTecStyle(DatasetEntry(
+PLUGINS.append(MVTecStyle(DatasetEntry(
     name="mpdd", title="MPDD (Metal Parts Defect Detection)", domain="industrial",
     classes=("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"),
     has_masks=True, splits=("train", "test"),
@@ -111,7 +117,7 @@ register(MVTecStyle(DatasetEntry(
     source="https://github.com/stepanje/MPDD", licence="CC BY-NC-SA 4.0",
     notes="176 normal / 282 anomalous test images.")))
 
-register(MVTecStyle(DatasetEntry(
+PLUGINS.append(MVTecStyle(DatasetEntry(
     name="btad", title="BTAD (beanTech Anomaly Detection)", domain="industrial", classes=("01", "02", "03"),
     has_masks=True, splits=("train", "test"), aliases=("btech",),
     layout="  <root>/BTech_Dataset_transformed/<01|02|03>/train/ok/*\n"
@@ -124,7 +130,7 @@ register(MVTecStyle(DatasetEntry(
     synth_species={c: ("ko",) for c in ("01", "02", "03")},
     synth_ext={"01": (".bmp", ".png"), "02": (".png", ".png"), "03": (".bmp", ".bmp")}))
 
-register(MVTecStyle(DatasetEntry(
+PLUGINS.append(MVTecStyle(DatasetEntry(
     name="dtd-synthetic", title="DTD-Synthetic", domain="industrial",
     classes=("Woven_001", "Woven_127", "Woven_104", "Stratified_154", "Blotchy_099", "Woven_068", "Woven_125",
              "Marbled_078", "Perforated_037", "Mesh_114", "Fibrous_183", "Matted_069"),
@@ -137,7 +143,7 @@ register(MVTecStyle(DatasetEntry(
                                          "Woven_068", "Woven_125", "Marbled_078", "Perforated_037", "Mesh_114",
                                          "Fibrous_183", "Matted_069")}))
 
-register(MVTecStyle(DatasetEntry(
+PLUGINS.append(MVTecStyle(DatasetEntry(
     name="rsdd", title="RSDD (as listed by ACD-CLIP)", domain="industrial",
     classes=("Dent", "Crush", "Scratch", "Damage"), has_masks=True, splits=("train", "test"),
     layout="  <root>/<class>/train/good/*.png\n  <root>/<class>/test/{good,<defect>}/*.png\n"

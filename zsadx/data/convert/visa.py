@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from zsadx.data import synthetic
+from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
-from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, register
+from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems
+
+# This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
+PLUGINS: list[DatasetPlugin] = []
 
 VISA_CLASSES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1", "pcb2",
                 "pcb3", "pcb4", "pipe_fryum")
@@ -26,7 +29,7 @@ class VisA(DatasetPlugin):
         notes="Default split 1cls (962 normal / 1200 anomalous test images). Masks store class ids: "
               "anomalous where non-zero.")
 
-    def scan(self, root: Path, variant: str, problems: Problems) -> list[Candidate]:
+    def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         csv_path = self.require(root / "split_csv" / _SPLIT_FILES[variant])
         out = []
         with open(csv_path, newline="") as f:
@@ -36,6 +39,8 @@ class VisA(DatasetPlugin):
             raise ValueError(f"{csv_path}: expected columns {sorted(need)}, got {sorted(rows[0]) if rows else 'none'}")
         for row in rows:
             cls, label = row["object"], row["label"].strip().lower()
+            if cls not in classes:
+                continue
             image = root / row["image"]
             if not image.is_file():
                 problems.add(image, f"missing image: listed in {csv_path.name}")
@@ -54,19 +59,22 @@ class VisA(DatasetPlugin):
                                  specie="Anomaly" if anomalous else "Normal"))
         return out
 
+    def class_dir(self, root: Path, cls: str) -> Path:
+        return root / cls
+
     def synthesize(self, root: Path, rng: np.random.Generator, n: int = 1) -> list[Planted]:
         rows, planted, k = [], [], 0
         for cls in self.entry.classes:
             for split, anomalous in [("train", False), ("test", False), ("test", True)] * n:
-                img, mask = synthetic.sample(48, 64, rng, anomalous)
+                img, mask = drawing.sample(48, 64, rng, anomalous)
                 folder = "Anomaly" if anomalous else "Normal"
                 rel = f"{cls}/Data/Images/{folder}/{k:04d}.JPG"
-                synthetic.save(root / rel, img)
+                drawing.save(root / rel, img)
                 mrel = ""
                 if anomalous:
                     # VisA masks hold class ids (small integers), not 255.
                     mrel = f"{cls}/Data/Masks/Anomaly/{k:04d}.png"
-                    synthetic.save_mask(root / mrel, mask, value=int(rng.integers(1, 4)))
+                    drawing.save_mask(root / mrel, mask, value=int(rng.integers(1, 4)))
                 rows.append({"object": cls, "split": split, "label": "anomaly" if anomalous else "normal",
                              "image": rel, "mask": mrel})
                 planted.append(Planted(rel, int(anomalous), cls, anomalous, split))
@@ -79,4 +87,4 @@ class VisA(DatasetPlugin):
         return planted
 
 
-register(VisA())
+PLUGINS.append(VisA())

@@ -1,0 +1,333 @@
+"""The conversion pipeline shared by every raw layout: scan -> validate -> manifest, written safely.
+
+A dataset plug-in only *scans* its raw download into :class:`Candidate` rows. Everything else happens
+here, once: choosing the classes (``--classes``, partial downloads), decoding each image and mask to
+catch corrupt files, size checks, checksums, materialising crops for datasets the repos cut into
+pieces (SDD bands, AITEX tiles), the summary, and the write of the output folder.
+
+What zsadx may delete (see ``zsadx/files.py``): the output folder carries an ownership marker; a
+folder zsadx did not write (and that is not empty) is refused, and ``--out`` may not overlap
+``--root``. Re-converting into a folder zsadx wrote replaces only zsadx's own entries there
+(``manifest.jsonl``, ``summary.json``, ``derived/``) and keeps anything else a user put there. The
+new output is built in a temporary folder inside the output (marked, named by
+:func:`zsadx.files.temp_path`) and moved into place at the end, so an interrupted conversion leaves
+the previous output as it was; stale temporary folders of killed runs are removed by the next run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+from zsadx.data.catalog import DatasetEntry
+from zsadx.data.convert.base import IMAGE_EXTS, Candidate, DatasetPlugin, LayoutError, Problems
+from zsadx.data.convert.plugins import class_coverage, get_plugin
+from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, write_manifest
+from zsadx.data.transforms import ImageError, load_image
+from zsadx.errors import UserError
+from zsadx.files import FolderLock, is_temp_name, mark_owned, owner_kind, temp_path
+
+log = logging.getLogger(__name__)
+
+OWNER_KIND = "dataset"
+TEMP_KIND = "dataset-temp"      # marks the temporary folder of a conversion in progress
+DERIVED = "derived"             # crops materialised by the pipeline
+OWN_ENTRIES = (MANIFEST, SUMMARY, DERIVED)
+
+
+class OutputFolderError(UserError):
+    """``--out`` is a folder zsadx did not write, or overlaps the raw download."""
+
+
+# ------------------------------------------------------------------------------------------
+# Output folder rules
+# ------------------------------------------------------------------------------------------
+
+def check_output_folder(root: Path, out: Path) -> None:
+    """Refuse an ``out`` that overlaps ``root`` or that holds files zsadx did not write."""
+    if out == root or out.is_relative_to(root):
+        raise OutputFolderError(f"--out {out} lies inside --root {root}: zsadx never writes into a raw download; "
+                                f"choose an --out folder outside it")
+    if root.is_relative_to(out):
+        raise OutputFolderError(f"--root {root} lies inside --out {out}: replacing the output could delete the raw "
+                                f"images; choose an --out folder that does not contain them")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputFolderError(f"--out {out} is a file, not a folder; choose a new or empty --out folder")
+    kind = owner_kind(out)
+    if kind == OWNER_KIND:
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if kind is not None:
+        raise OutputFolderError(f"{out}: zsadx wrote this folder as '{kind}', not as a converted dataset; "
+                                f"choose another --out folder")
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise OutputFolderError(f"{out}: the folder exists and was not written by `zsadx data convert` (it holds "
+                            f"{shown}); zsadx replaces only folders it wrote: choose a new or empty --out folder")
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove temporary folders of killed conversions of ``out``; returns what was removed.
+
+    Called with ``out``'s lock held, so no live conversion of ``out`` owns them. Only folders zsadx
+    recognises as its own are removed: marked temp folders inside ``out``, and the unmarked
+    ``.<out>.tmp-PID`` / ``.<out>.old-PID`` siblings older versions left, when they hold nothing but
+    what a conversion writes and their process is gone.
+    """
+    removed = []
+    for p in out.iterdir():
+        if p.is_dir() and is_temp_name(p.name) and owner_kind(p) == TEMP_KIND:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    legacy = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
+    for p in out.parent.iterdir():
+        m = legacy.fullmatch(p.name)
+        if (m and p.is_dir() and not _pid_alive(int(m.group(2)))
+                and {c.name for c in p.iterdir()} <= set(OWN_ENTRIES)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    for p in removed:
+        log.info("removed the temporary folder of an interrupted conversion: %s", p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def install(tmp: Path, out: Path) -> None:
+    """Move the new ``derived/``, manifest and summary from ``tmp`` into ``out``; nothing else is touched.
+
+    The previous ``derived/`` goes into ``tmp`` (deleted with it); the manifest is replaced last
+    but one, atomically, so readers see either the old or the new manifest.
+    """
+    old_derived, new_derived = out / DERIVED, tmp / DERIVED
+    if old_derived.exists():
+        os.replace(old_derived, tmp / "previous-derived")
+    if new_derived.exists():
+        os.replace(new_derived, old_derived)
+    os.replace(tmp / MANIFEST, out / MANIFEST)
+    os.replace(tmp / SUMMARY, out / SUMMARY)
+
+
+# ------------------------------------------------------------------------------------------
+# Classes
+# ------------------------------------------------------------------------------------------
+
+def choose_classes(plugin: DatasetPlugin, root: Path, requested: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """The classes to convert: ``requested`` (``--classes``) or the catalog's, each present in ``root``.
+
+    A missing or empty class folder is an error that names it and offers ``--classes`` with the
+    classes the download does hold.
+    """
+    from zsadx.config import suggest
+
+    entry = plugin.entry
+    if not entry.fixed_classes:
+        if requested and list(requested) != [root.name]:
+            raise OutputFolderError(f"{entry.name}: the class is the --root folder's name '{root.name}'; "
+                                    f"--classes does not apply to this dataset")
+        return (root.name,)
+    if requested:
+        unknown = [c for c in requested if c not in entry.classes]
+        if unknown:
+            raise LayoutError(entry.name, entry.layout, root / unknown[0],
+                              f"unknown class '{unknown[0]}'" + suggest(unknown[0], entry.classes)
+                              + f"; {entry.name} classes: {', '.join(entry.classes)}")
+        wanted = tuple(c for c in entry.classes if c in set(requested))
+    else:
+        wanted = entry.classes
+    folders = {c: plugin.class_dir(root, c) for c in wanted}
+    if any(d is None for d in folders.values()):
+        return wanted
+    missing = [c for c, d in folders.items() if not d.is_dir()]
+    empty = [c for c, d in folders.items() if d.is_dir() and not _holds_images(d)]
+    if not missing and not empty:
+        return wanted
+    held = [c for c in wanted if c not in missing and c not in empty]
+    parts = []
+    if missing:
+        parts.append(f"missing class folder(s): {', '.join(missing)}")
+    if empty:
+        parts.append(f"class folder(s) without images: {', '.join(empty)}")
+    offer = (f"this download holds {', '.join(held)}: convert those with --classes {','.join(held)}"
+             if held else "no class folder holds images")
+    raise LayoutError(entry.name, entry.layout, folders[(missing or empty)[0]], "; ".join(parts) + "; " + offer)
+
+
+def _holds_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTS and p.is_file() for p in folder.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------
+
+def _key(root: Path, c: Candidate) -> tuple[str, str]:
+    rel = c.image.relative_to(root).as_posix() if c.image.is_relative_to(root) else c.image.as_posix()
+    source = rel + (f"#{c.part}" if c.part else "")
+    stem = rel.rsplit(".", 1)[0]
+    # WebDataset splits a sample's file names at the first dot: keys must not contain one.
+    key = (stem + (f"_{c.part}" if c.part else "")).replace(".", "_").replace(" ", "_")
+    return key, source
+
+
+def _read(path: Path, what: str, keep: bool):
+    """(size, the image or None) of an image file; a broken file raises ImageError naming it."""
+    im = load_image(path, what)
+    return im.size, (im if keep else None)
+
+
+def _validate(root: Path, out: Path, final_out: Path, entry: DatasetEntry,
+              c: Candidate) -> tuple[Optional[Record], Optional[tuple[str, str]]]:
+    key, source = _key(root, c)
+    try:
+        size, img = _read(c.image, "image", keep=bool(c.crop))
+    except ImageError as exc:
+        return None, (str(c.image), f"unreadable image: {exc.reason}")
+    mask_img = None
+    if c.mask is not None:
+        try:
+            msize, mask_img = _read(c.mask, "mask", keep=bool(c.crop))
+        except ImageError as exc:
+            return None, (str(c.mask), f"unreadable mask: {exc.reason}")
+        if msize != size:
+            return None, (str(c.mask), f"mask size differs: mask {msize[0]}x{msize[1]} vs image "
+                                       f"{size[0]}x{size[1]} ({c.image})")
+    image_path, mask_path = c.image, c.mask
+    if c.crop:
+        derived = out / DERIVED
+        image_path = derived / f"{key}.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        img.crop(c.crop).save(image_path)
+        if mask_img is not None:
+            mask_path = derived / f"{key}_mask.png"
+            mask_img.convert("L").crop(c.crop).save(mask_path)
+        size = (c.crop[2] - c.crop[0], c.crop[3] - c.crop[1])
+    rec = Record(key=key, image=str(image_path), label=int(c.label), cls=c.cls, dataset=entry.name,
+                 domain=entry.domain, split=c.split, mask=str(mask_path) if mask_path else None,
+                 specie=c.specie, width=size[0], height=size[1], source=source,
+                 sha1=file_sha1(image_path), mask_sha1=file_sha1(mask_path) if mask_path else "",
+                 mask_threshold=c.mask_threshold)
+    if c.crop:  # records point at the final location of the derived files
+        rec.image = str(final_out / image_path.relative_to(out))
+        rec.mask = str(final_out / Path(mask_path).relative_to(out)) if mask_path else None
+    return rec, None
+
+
+def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, variant: str | None = None,
+            workers: int = 4, progress: bool = True, classes: Optional[Sequence[str]] = None) -> dict:
+    """Convert a raw download into ``out/manifest.jsonl`` + ``out/summary.json``; returns the summary.
+
+    ``classes``: convert only these classes of the catalog (a partial download); the summary says
+    which classes the output holds.
+    """
+    plugin: DatasetPlugin = get_plugin(dataset)
+    entry = plugin.entry
+    variant = variant or entry.default_variant
+    if variant not in entry.variants:
+        from zsadx.config import ConfigError, suggest
+
+        raise ConfigError(f"{entry.name}: unknown variant '{variant}'" + suggest(variant, entry.variants)
+                         + f"; variants: {', '.join(entry.variants)}")
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise LayoutError(entry.name, entry.layout, root)
+    final_out = Path(out).expanduser().resolve()
+    check_output_folder(root, final_out)
+    wanted = choose_classes(plugin, root, classes)
+    problems = Problems()
+    candidates = [c for c in plugin.scan(root, variant, problems, wanted) if c.cls in wanted]
+    if not candidates:
+        raise LayoutError(entry.name, entry.layout, root, "no images were found under it")
+    final_out.mkdir(parents=True, exist_ok=True)
+    if owner_kind(final_out) != OWNER_KIND:
+        mark_owned(final_out, OWNER_KIND, dataset=entry.name)
+    with FolderLock(final_out, "the converted dataset folder"):
+        remove_stale_temps(final_out)
+        tmp = temp_path(final_out / "convert")
+        tmp.mkdir()
+        mark_owned(tmp, TEMP_KIND, pid=os.getpid(), host=socket.gethostname())
+        try:
+            records = _validate_all(root, tmp, final_out, entry, candidates, problems, workers, progress)
+            for c in wanted:
+                if not any(r.cls == c for r in records):
+                    problems.add(plugin.class_dir(root, c) or root, f"empty class: no readable image of class '{c}'")
+            write_manifest(records, tmp / MANIFEST)
+            summary = summarize(entry, variant, root, records, problems)
+            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
+            install(tmp, final_out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _validate_all(root: Path, tmp: Path, final_out: Path, entry: DatasetEntry, candidates: list[Candidate],
+                  problems: Problems, workers: int, progress: bool) -> list[Record]:
+    from tqdm import tqdm
+
+    records: list[Record] = []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        results = pool.map(lambda c: _validate(root, tmp, final_out, entry, c), candidates)
+        for rec, problem in tqdm(results, total=len(candidates), desc=f"convert {entry.name}",
+                                 disable=not progress, unit="img"):
+            if problem:
+                problems.add(*problem)
+            else:
+                records.append(rec)
+    keys = Counter(r.key for r in records)
+    dup = [k for k, n in keys.items() if n > 1]
+    if dup:
+        raise ValueError(f"{entry.name}: duplicate keys from the parser, e.g. {dup[:3]}")
+    records.sort(key=lambda r: (r.cls, r.split, r.key))
+    return records
+
+
+def summarize(entry: DatasetEntry, variant: str, root: Path, records: Iterable[Record],
+              problems: Problems) -> dict:
+    """The summary: counts per class, the classes held vs the catalog's (subset), the problems."""
+    per_class: dict[str, dict[str, int]] = defaultdict(lambda: Counter())
+    for r in records:
+        c = per_class[r.cls]
+        c[f"{r.split}_{'anomalous' if r.label else 'normal'}"] += 1
+        c["masks"] += r.mask is not None
+    return {"dataset": entry.name, "variant": variant, "domain": entry.domain, "root": str(root),
+            "images": sum(sum(v for k, v in c.items() if k != "masks") for c in per_class.values()),
+            **class_coverage(entry.name, per_class),
+            "class_counts": {k: dict(sorted(v.items())) for k, v in sorted(per_class.items())},
+            "skipped": len(problems.items), "skipped_by_reason": problems.counts(),
+            "problems": [{"path": p, "reason": r} for p, r in problems.items]}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['dataset']} ({summary['variant']}): {summary['images']} images, "
+             f"{len(summary['classes'])} classes, {summary['skipped']} skipped"]
+    if summary.get("subset"):
+        lines.append(f"  a subset: {len(summary['classes'])} of {len(summary['catalog_classes'])} classes "
+                     f"(missing {', '.join(summary['missing_classes'])})")
+    counts = summary["class_counts"]
+    cols = sorted({k for c in counts.values() for k in c})
+    lines.append(f"  {'class':24s} " + " ".join(f"{c:>16s}" for c in cols))
+    for name, row in counts.items():
+        lines.append(f"  {name:24s} " + " ".join(f"{row.get(c, 0):16d}" for c in cols))
+    for p in summary["problems"][:20]:
+        lines.append(f"  skipped {p['path']}: {p['reason']}")
+    if len(summary["problems"]) > 20:
+        lines.append(f"  ... and {len(summary['problems']) - 20} more (see summary.json)")
+    return "\n".join(lines)
