@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsadx.config import ConfigError, config_root
+from zsadx.models.checkpoints import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,32 @@ class BackboneConfig:
     def validate(self) -> None:
         if self.image_size <= 0:
             raise ConfigError(f"'backbone.image_size' must be positive, got {self.image_size}")
+        check_patch_multiple(self.name, self.image_size, "backbone.image_size")
+
+
+def patch_size_of(name: str) -> Optional[int]:
+    """The vision patch size of an open_clip model config (zsadx's own or open_clip's), without
+    building the model; None when it cannot be known before loading (``auto``, hub models, timm towers)."""
+    own = config_root() / "clip_models" / f"{name}.json"
+    if own.is_file():
+        cfg = json.loads(own.read_text())
+    elif name == "auto" or name.startswith(("hf-hub:", "local-dir:")):
+        return None
+    else:
+        import open_clip
+
+        cfg = open_clip.get_model_config(name) or {}
+    patch = (cfg.get("vision_cfg") or {}).get("patch_size")
+    return patch if isinstance(patch, int) and patch > 0 else None
+
+
+def check_patch_multiple(model: str, size: int, key: str) -> None:
+    """Images enter the ViT as whole patches: a size that is not a multiple fails at the first batch."""
+    patch = patch_size_of(model)
+    if patch and size % patch:
+        lower, upper = size // patch * patch, (size // patch + 1) * patch
+        raise ConfigError(f"'{key}': {size} is not a multiple of {model}'s patch size {patch}; use "
+                          f"{lower or upper} or {upper}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,12 +147,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise ValueError(f"{path}: not a readable CLIP checkpoint ({type(exc).__name__}: {exc})") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")[:200]
+        raise CheckpointError(f"{path}: not a readable CLIP checkpoint ({type(exc).__name__}: {first})") from exc
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
             sd = sd[wrapper]
     if not isinstance(sd, dict) or not sd:
-        raise ValueError(f"{path}: holds no state dict")
+        raise CheckpointError(f"{path}: holds no state dict")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     for key in _OPENAI_EXTRA_KEYS:
@@ -163,7 +191,7 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
             try:
                 model.load_state_dict(sd, strict=True)
             except RuntimeError as exc:
-                raise ValueError(f"{cfg.pretrained}: weights do not fit model '{cfg.name}': "
+                raise CheckpointError(f"{cfg.pretrained}: weights do not fit model '{cfg.name}': "
                                  f"{str(exc).splitlines()[0]}") from exc
     else:
         if cfg.name == "auto":

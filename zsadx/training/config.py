@@ -1,10 +1,12 @@
 """Typed training configuration."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from zsadx.config import ConfigError
+from zsadx.config import ConfigError, suggest
 from zsadx.models.methods.base import MethodConfig, method_field
 
 
@@ -57,6 +59,12 @@ class TrainConfig:
     checkpoint_every: int = 0         # optimizer steps between checkpoints; 0 = at every epoch end
     keep_checkpoints: int = 3
     resume: Optional[str] = None      # "latest" or a checkpoint folder
+    # A folder that holds a run is refused without resume; overwrite=true deletes that run first.
+    overwrite: bool = False
+    # Dotted keys a resume may change besides the safe ones (max_steps, epochs, checkpoint_every,
+    # keep_checkpoints, log_every, progress, tensorboard); never method.* or optim.* (their old values
+    # live on in the checkpoint's state).
+    resume_allow: list[str] = field(default_factory=list)
     log_every: int = 10
     tensorboard: bool = False
     progress: bool = True
@@ -67,5 +75,40 @@ class TrainConfig:
         for i, s in enumerate(self.data.sources):
             if not s.shards or not s.dataset:
                 raise ConfigError(f"'data.sources[{i}]' needs 'shards' and 'dataset'")
-        if self.gradient_accumulation < 1 or self.data.batch_size < 1:
-            raise ConfigError("'gradient_accumulation' and 'data.batch_size' must be >= 1")
+            if not math.isfinite(s.weight) or s.weight <= 0:
+                raise ConfigError(f"'data.sources[{i}].weight': {s.weight}; use a positive number")
+        for key in ("data.batch_size", "gradient_accumulation", "epochs", "log_every"):
+            value = self._get(key)
+            if value < 1:
+                raise ConfigError(f"'{key}': {value}; use 1 or more")
+        for key in ("data.num_workers", "data.max_skips", "checkpoint_every", "keep_checkpoints"):
+            value = self._get(key)
+            if value < 0:
+                raise ConfigError(f"'{key}': {value}; use 0 or more")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"'max_steps': {self.max_steps}; use 1 or more (or null: all epochs)")
+        if self.data.batches_per_epoch is not None and self.data.batches_per_epoch < 1:
+            raise ConfigError(f"'data.batches_per_epoch': {self.data.batches_per_epoch}; use 1 or more (or null)")
+        lrs = {"optim.lr": self.optim.lr, **{f"optim.group_lr.{k}": v for k, v in self.optim.group_lr.items()}}
+        for key, lr in lrs.items():
+            if not math.isfinite(lr) or lr <= 0:
+                raise ConfigError(f"'{key}': {lr}; use a positive learning rate")
+        if self.overwrite and self.resume:
+            raise ConfigError(f"'overwrite': true with 'resume': {self.resume}: give one or the other")
+        self._validate_resume_allow()
+
+    def _get(self, dotted: str):
+        obj = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _validate_resume_allow(self) -> None:
+        for i, key in enumerate(self.resume_allow):
+            root = key.split(".")[0].split("[")[0]
+            if root in ("method", "optim"):
+                raise ConfigError(f"'resume_allow[{i}]': {key} cannot change in a resumed run (its old value lives "
+                                  f"on in the checkpoint's optimizer state or weights); start a new run instead")
+            names = [f.name for f in dataclasses.fields(self)]
+            if root not in names:
+                raise ConfigError(f"'resume_allow[{i}]': no key '{key}' in TrainConfig" + suggest(root, names))

@@ -12,15 +12,19 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from zsadx.config import save_resolved, to_dict
+from zsadx.errors import UserError
+from zsadx.files import atomic_write_json
+from zsadx.models.checkpoints import TRAINER_FORMAT
 from zsadx.training import checkpoint as ckpt
 from zsadx.training.config import TrainConfig
 
@@ -92,6 +96,30 @@ def build_data(cfg: TrainConfig, rank: int, world: int):
                         max_skips=d.max_skips, rank=rank, world_size=world, mode="global")
 
 
+def _on_every_rank(accelerator, write: Callable[[], None], path: Path) -> None:
+    """Run a part of a checkpoint write on every rank; when it fails on any, every rank raises (a
+    full disk as a DiskFullError naming ``path``) and the half-written ``path`` is removed."""
+    failure: Optional[BaseException] = None
+    try:
+        write()
+    except (OSError, RuntimeError) as exc:
+        failure = ckpt.as_disk_full(exc, path) or exc
+    if _any_rank(accelerator, failure is not None):
+        if accelerator.is_main_process and path.name.endswith(".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"another process failed while writing {path}")
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any."""
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(t, reduction="sum")
+    return bool(t.item() > 0)
+
+
 class _Preemption:
     def __init__(self):
         self.signum: Optional[int] = None
@@ -110,26 +138,79 @@ class _Preemption:
 
     def agreed(self, accelerator) -> bool:
         """Every rank stops at the same step if any rank was signalled."""
-        flag = torch.tensor([1.0 if self.signum else 0.0], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        return _any_rank(accelerator, bool(self.signum))
+
+
+def prepare_run_folder(cfg: TrainConfig, is_main: bool) -> None:
+    """One folder, one run: a folder holding a run is continued (``resume``) or replaced
+    (``overwrite=true``), never silently trained over."""
+    out = Path(cfg.out_dir)
+    held = ckpt.holds_run(out)
+    if held and not cfg.resume and not cfg.overwrite:
+        raise RunFolderError(f"{out}: holds {held}; continue it with resume=latest, or start over with "
+                             f"overwrite=true (deletes its checkpoints, final.pt and log)")
+    if is_main and held and cfg.overwrite and not cfg.resume:
+        log.warning("overwrite=true: deleting the run in %s", out)
+        ckpt.remove_run(out)
+    if is_main:
+        ckpt.clean_partial(out)
+
+
+class RunFolderError(UserError):
+    """A run folder that holds another run, or a resume that would not continue the same run."""
+
+
+def check_resume_config(cfg: TrainConfig, saved: dict, where: Path) -> None:
+    """A resume continues the run in the checkpoint: a changed key that changes the result is refused
+    (the checkpoint's optimizer state would silently keep the old lr, and config.yaml would lie)."""
+    keys = ckpt.config_differences(saved, to_dict(cfg), tuple(cfg.resume_allow))
+    if not keys:
+        return
+    fixed = [k for k in keys if any(ckpt.covers(r, k) for r in ckpt.STATE_KEYS)]
+    how = ("these live in the checkpoint's state and cannot change in a resumed run" if fixed else
+           "list the keys you mean to change in resume_allow=[...]")
+    raise RunFolderError(f"{where}: this config differs from the run's ({', '.join(keys)}); {how}. Resume with the "
+                         f"run's own config ({Path(cfg.out_dir) / 'config.yaml'}) or start a new run "
+                         f"(another out_dir, or overwrite=true)")
+
+
+def finished_result(out: Path, step: int) -> dict:
+    """What a resume of a finished run returns without touching anything."""
+    try:
+        result = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        result = {"steps": step}
+    return {**result, "already_finished": True}
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Train ``cfg.method``; the main process holds the run folder's lock throughout."""
+    from zsadx.files import FolderLock
+
+    acc = make_accelerator(cfg)
+    if not acc.is_main_process:
+        return _train(cfg, acc)
+    with FolderLock(cfg.out_dir, "this training run", name=".zsadx-train.lock"):
+        return _train(cfg, acc)
+
+
+def _train(cfg: TrainConfig, acc) -> dict:
     from accelerate.utils import DistributedType, set_seed
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from zsadx.models.checkpoints import check_identity, method_identity, save_method_checkpoint
     from zsadx.models.methods.base import build_method
     from zsadx.version import code_version
 
-    acc = make_accelerator(cfg)
     is_ds = acc.distributed_type == DistributedType.DEEPSPEED
     out = Path(cfg.out_dir)
-    if acc.is_main_process:
-        save_resolved(cfg, out)
-        save_resolved(cfg.method, out, "method.yaml")  # for `zsadx eval --method <run>/method.yaml`
+    prepare_run_folder(cfg, acc.is_main_process)
+    acc.wait_for_everyone()
+    resume = ckpt.find_resume(out, cfg.resume)
+    state = ckpt.read_trainer(resume) if resume is not None else None
+    if state is not None:
+        check_resume_config(cfg, state["config"], resume / ckpt.TRAINER)
     set_seed(cfg.seed)  # same initial prompts/adapters on every rank
     method = build_method(cfg.method)
     method.train()
@@ -146,46 +227,64 @@ def train(cfg: TrainConfig) -> dict:
             ds_cfg["gradient_clipping"] = cfg.optim.grad_clip
     model, optimizer = acc.prepare(method, optimizer)
     unwrapped = acc.unwrap_model(model)
+    identity = method_identity(unwrapped)
     data = build_data(cfg, acc.process_index, acc.num_processes)
     n_trainable = sum(p.numel() for p in unwrapped.trainable_parameters())
+    total_steps = cfg.epochs * data.batches_per_epoch // cfg.gradient_accumulation
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
 
     epoch, batch_in_epoch, step = 0, 0, 0
-    resume = ckpt.find_resume(out, cfg.resume)
-    if resume is not None:
-        state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
+    if state is not None:
+        check_identity(state["identity"], unwrapped, resume / ckpt.TRAINER)
+        if (out / "final.pt").is_file() and state["step"] >= total_steps:
+            # resume=latest on a finished run: nothing to do, and nothing is rewritten.
+            acc.wait_for_everyone()
+            acc.end_training()
+            return finished_result(out, state["step"])
         if state["world_size"] != acc.num_processes:
             log.warning("resuming a %d-process run with %d processes: data order changes",
                         state["world_size"], acc.num_processes)
         unwrapped.load_trainable_state_dict(state["method"])
         if is_ds:
+            # DeepSpeed unpickles its own shards: only ever from this run's own checkpoint folder.
+            if resume.resolve().parent != ckpt.checkpoint_dir(out).resolve():
+                raise RunFolderError(f"resume={cfg.resume}: with DeepSpeed a run resumes only from its own "
+                                     f"checkpoints ({ckpt.checkpoint_dir(out)}); use resume=latest")
             model.load_checkpoint(str(resume), tag="ds", load_module_strict=False)
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        rank_rng = resume / f"rng-rank{acc.process_index}.pt"
-        ckpt.set_rng_state(torch.load(rank_rng, weights_only=False) if rank_rng.is_file() else state["rng"])
+        ckpt.load_rng(resume, acc.process_index, state["rng"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
         if acc.is_main_process:
             log.info("resumed from %s (epoch %d, batch %d, step %d)", resume, epoch, batch_in_epoch, step)
+    if acc.is_main_process:
+        save_resolved(cfg, out)  # only now: a refused resume leaves the run's config.yaml as it was
+        save_resolved(cfg.method, out, "method.yaml")  # for `zsadx eval --method <run>/method.yaml`
+        ckpt.trim_log(out, step)  # the steps after the checkpoint are logged again below
 
-    def save(reason: str) -> Path:
-        acc.wait_for_everyone()
-        tmp, final = ckpt.begin(out, step) if acc.is_main_process else (None, None)
-        acc.wait_for_everyone()
-        tmp = tmp or ckpt.checkpoint_dir(out) / f"step-{step:08d}.tmp"
-        final = final or ckpt.checkpoint_dir(out) / f"step-{step:08d}"
+    def write_rank_files(tmp: Path) -> None:
         if is_ds:
             model.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True)
-        torch.save(ckpt.rng_state(), tmp / f"rng-rank{acc.process_index}.pt")  # each rank's own generators
-        if acc.is_main_process:
-            state = {"method": unwrapped.trainable_state_dict(),
-                     "optimizer": None if is_ds else optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "epoch": epoch,
-                     "batch_in_epoch": batch_in_epoch, "step": step, "world_size": acc.num_processes,
-                     "reason": reason, "code_version": code_version(), "config": to_dict(cfg)}
-            ckpt.atomic_save(state, tmp / "trainer.pt")
-            ckpt.commit(tmp, final, cfg.keep_checkpoints)
-        acc.wait_for_everyone()
+        ckpt.save_rng(tmp, acc.process_index)  # each rank's own generators
+
+    def write_main_files(tmp: Path, final: Path, reason: str) -> None:
+        trainer = {"format": TRAINER_FORMAT, "identity": identity, "method": unwrapped.trainable_state_dict(),
+                   "optimizer": None if is_ds else optimizer.state_dict(),
+                   "scheduler": scheduler.state_dict(), "rng": ckpt.rng_state(), "epoch": epoch,
+                   "batch_in_epoch": batch_in_epoch, "step": step, "world_size": acc.num_processes,
+                   "reason": reason, "code_version": code_version(), "config": to_dict(cfg)}
+        ckpt.save(trainer, tmp / ckpt.TRAINER)
+        ckpt.commit(tmp, final, cfg.keep_checkpoints)  # manifest last, then the rename
+
+    def save(reason: str) -> Path:
+        tmp, final = ckpt.temp_folder(out, step)
+        main = acc.is_main_process
+        # Each part ends when every rank is through it; a failure on any rank stops all of them.
+        _on_every_rank(acc, lambda: ckpt.begin(tmp) if main else None, tmp)
+        _on_every_rank(acc, lambda: write_rank_files(tmp), tmp)
+        _on_every_rank(acc, lambda: write_main_files(tmp, final, reason) if main else None, tmp)
         return final
 
     pre = _Preemption()
@@ -198,9 +297,6 @@ def train(cfg: TrainConfig) -> dict:
             raise RuntimeError("tensorboard: true needs `pip install zsadx[tensorboard]`") from exc
         writer = SummaryWriter(str(out / "tensorboard"))
     logf = open(out / "train_log.jsonl", "a") if acc.is_main_process else None
-    total_steps = cfg.epochs * data.batches_per_epoch // cfg.gradient_accumulation
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and acc.is_main_process), unit="step",
                desc=f"train {cfg.method.name}")
     t_log, samples_since = time.perf_counter(), 0
@@ -272,15 +368,17 @@ def train(cfg: TrainConfig) -> dict:
         save("final")
     result = {"steps": step, "epochs_done": epoch, "trainable_parameters": n_trainable,
               "world_size": acc.num_processes, "stopped_by_signal": stopped_by, "code_version": code_version()}
-    if acc.is_main_process:
+
+    def write_final() -> None:
         if stopped_by is None:
-            ckpt.atomic_save(unwrapped.trainable_state_dict(), out / "final.pt")
-        (out / "run.json").write_text(json.dumps(result, indent=2))
-        if logf:
-            logf.close()
-        if writer:
-            writer.close()
-    acc.wait_for_everyone()
+            save_method_checkpoint(unwrapped, out / "final.pt")
+        atomic_write_json(out / "run.json", result, indent=2)
+
+    _on_every_rank(acc, write_final if acc.is_main_process else (lambda: None), out / "final.pt")
+    if logf:
+        logf.close()
+    if writer:
+        writer.close()
     acc.end_training()
     if stopped_by is not None:
         raise SystemExit(128 + int(stopped_by))

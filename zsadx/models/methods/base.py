@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from zsadx.config import ConfigError, suggest
-from zsadx.models.backbone import BackboneConfig, ClipBackbone
+from zsadx.models.backbone import BackboneConfig, ClipBackbone, check_patch_multiple
 
 
 @dataclass
@@ -28,6 +29,19 @@ class MethodConfig:
     eval_size: Optional[int] = None
     # Normal reference images per class from the train split (few-shot); 0 = zero-shot.
     shots: int = 0
+
+    def validate(self) -> None:
+        # Values the dataclass types accept but that would fail (or silently mean nothing) later.
+        if not math.isfinite(self.sigma) or self.sigma < 0:
+            raise ConfigError(f"'method.sigma': {self.sigma} px; use 0 (no smoothing) or a positive number")
+        if self.shots < 0:
+            raise ConfigError(f"'method.shots': {self.shots}; use 0 (zero-shot) or a number of normal references")
+        for key in ("input_size", "eval_size"):
+            size = getattr(self, key)
+            if size is not None and size <= 0:
+                raise ConfigError(f"'method.{key}' must be positive (or null: backbone.image_size), got {size}")
+        if self.input_size is not None:
+            check_patch_multiple(self.backbone.name, self.input_size, "method.input_size")
 
 
 @dataclass
@@ -91,15 +105,13 @@ class Method(nn.Module):
 
 
     def load_checkpoint(self, path: str) -> None:
-        """Load trainable state from a file: a bare state dict or a training checkpoint's ``method``."""
-        import os
+        """Load trainable state from ``final.pt``, a step checkpoint's ``trainer.pt`` or its folder.
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "method" in state and isinstance(state["method"], dict):
-            state = state["method"]
-        self.load_trainable_state_dict(state)
+        Files are read with ``weights_only=True``; a checkpoint of another method or backbone, or an
+        unreadable one, is a :class:`~zsadx.models.checkpoints.CheckpointError` naming the file."""
+        from zsadx.models.checkpoints import load_into
+
+        load_into(self, path)
 
 
 def method_config_type(data: dict, key: str) -> type:
