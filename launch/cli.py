@@ -64,7 +64,7 @@ def _plan_or_status(plan, command: str) -> int:
 
     cells = [*plan.train, *plan.evals]
     absent = absent_data(plan)
-    for line in absent.warnings("cannot run" if command == "plan" else "cannot run (`grid run` skips them)"):
+    for line in absent.warnings("cannot run"):
         print(line)
     states = cache.states(cells)
     for c in cells:

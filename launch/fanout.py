@@ -230,7 +230,7 @@ class Progress:
     def started(self, cell_id: str) -> None:
         if cell_id not in self.seen:
             self.seen.add(cell_id)
-            self.log(f"[{len(self.ended)}/{self.total}] started {cell_id} ({self._elapsed()})")
+            self.log(f"started {cell_id} ({self._elapsed()})")
 
     def finished(self, cell_id: str, folder: Path, status: Optional[str] = None) -> None:
         if cell_id in self.ended:

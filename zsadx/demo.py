@@ -22,6 +22,7 @@ class DemoConfig:
     datasets: list[str] = dataclasses.field(default_factory=lambda: ["mvtec-ad", "visa", "bmad-brain"])
     grid: str = "grids/demo"
     grid_overrides: list[str] = dataclasses.field(default_factory=list)
+    method_overrides: list[str] = dataclasses.field(default_factory=list)  # of every method (backbone.*, method.*)
     images_per_group: int = 2
     image_size: int = 128
     out_dir: str = "runs/demo"
@@ -47,18 +48,31 @@ def make_data(cfg: DemoConfig, out: Path) -> dict:
     return write_shards(out / "manifest.jsonl", out / "shards", size=cfg.image_size, progress=False)
 
 
+def demo_grid(cfg: DemoConfig):
+    """The demo's grid: its shards and out_dir under the demo's, the demo's seed, and the method
+    overrides applied to every method (so ``backbone.image_size=320`` reaches each of them)."""
+    from launch.grid import load_grid
+
+    out = Path(cfg.out_dir)
+    grid = load_grid(cfg.grid, [f"shards={out / 'shards'}", f"out_dir={out / 'grid'}", f"seeds=[{cfg.seed}]",
+                                *cfg.grid_overrides])
+    for m in grid.methods:
+        m.overrides = [*m.overrides, *cfg.method_overrides]
+    return grid
+
+
 def run(cfg: DemoConfig, log=print) -> dict:
     from launch import fanout
-    from launch.grid import expand, load_grid
+    from launch.grid import expand
     from zsadx.eval import tables
 
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
+    grid = demo_grid(cfg)
+    plan = expand(grid)  # a bad override fails here, before any data is made
     save_resolved(cfg, out)
     index = make_data(cfg, out)
     t_data = time.perf_counter() - t0
-    grid = load_grid(cfg.grid, [f"shards={out / 'shards'}", f"out_dir={out / 'grid'}", *cfg.grid_overrides])
-    plan = expand(grid)
     log(f"data ready ({index['samples']} samples, {t_data:.1f} s); grid: {len(plan.train)} training and "
         f"{len(plan.evals)} evaluation cells on the {grid.cluster} executor")
     summary = fanout.run(plan, log=log)
@@ -76,12 +90,25 @@ def run(cfg: DemoConfig, log=print) -> dict:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on the embedded default (synthetic data, tiny CLIP)")
     p.add_argument("--config", default="demo", help="demo config (default: configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out_dir=/tmp/demo seed=3")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. out_dir=/tmp/demo seed=3; backbone.* and "
+                   "method.* go to every method of the grid, e.g. backbone.image_size=320")
     p.set_defaults(func=_main)
 
 
+# Overrides with these prefixes go to every method of the grid, the others to DemoConfig.
+METHOD_PREFIXES = ("backbone.", "method.")
+
+
+def load_demo_config(path: str, overrides: list[str]) -> DemoConfig:
+    """DemoConfig with ``backbone.x=v`` / ``method.x=v`` overrides moved to ``method_overrides``."""
+    method = [o.removeprefix("method.") for o in overrides if o.startswith(METHOD_PREFIXES)]
+    cfg = load_config(DemoConfig, path, [o for o in overrides if not o.startswith(METHOD_PREFIXES)])
+    cfg.method_overrides = [*cfg.method_overrides, *method]
+    return cfg
+
+
 def _main(args: argparse.Namespace) -> int:
-    cfg = load_config(DemoConfig, args.config, args.overrides)
+    cfg = load_demo_config(args.config, args.overrides)
     result = run(cfg)
     print(result["markdown"])
     print(f"(tiny random CLIP, synthetic data: the numbers show the pipeline works, not method quality; "
