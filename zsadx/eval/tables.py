@@ -147,21 +147,22 @@ def build(records: Sequence[Record], metrics: Sequence[str], axis: str = "method
     rows, cells = [], {}
     for dom in order:
         for row in domains[dom]:
-            rows.append((dom, row))
             for c in cols:
                 mine = [r for r, label in zip(records, labels) if label == row and str(getattr(r, axis)) == c]
                 cells[(row, c)] = [_mean_std([_value(r.metrics.get(m)) for r in mine]) for m in metrics]
+        # The domain's full datasets, their average, then the subsets (after the average they are not in).
         full = [row for row in domains[dom] if row not in subset_rows]
-        if not full:
-            continue
-        rows.append((dom, f"{dom} average"))
-        for c in cols:
-            per_metric = []
-            for i in range(len(metrics)):
-                vals = [cells[(row, c)][i][0] for row in full if cells[(row, c)][i] is not None]
-                # An average over fewer datasets than the domain has would not be comparable.
-                per_metric.append((statistics.fmean(vals), None) if len(vals) == len(full) else None)
-            cells[(f"{dom} average", c)] = per_metric
+        rows += [(dom, row) for row in full]
+        if full:
+            rows.append((dom, f"{dom} average"))
+            for c in cols:
+                per_metric = []
+                for i in range(len(metrics)):
+                    vals = [cells[(row, c)][i][0] for row in full if cells[(row, c)][i] is not None]
+                    # An average over fewer datasets than the domain has would not be comparable.
+                    per_metric.append((statistics.fmean(vals), None) if len(vals) == len(full) else None)
+                cells[(f"{dom} average", c)] = per_metric
+        rows += [(dom, row) for row in domains[dom] if row in subset_rows]
     return Table(tuple(metrics), cols, rows, cells, tuple(subset_rows))
 
 
