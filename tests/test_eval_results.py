@@ -80,6 +80,14 @@ def test_method_config_checkpoint_and_classes_change_the_name(shards, tmp_path):
         torch.save({"w": torch.full((2,), value)}, path)
     na, nb = (results_name(_cfg(shards, tmp_path, f"checkpoint={p}")) for p in (a, b))
     assert na != nb and na.startswith("clip-final-0shot-seed0-")
+    # A checkpoint folder (a training step) is identified by the content of its files.
+    step = tmp_path / "step-00000004"
+    step.mkdir()
+    torch.save({"w": torch.zeros(2)}, step / "trainer.pt")
+    first = results_name(_cfg(shards, tmp_path, f"checkpoint={step}"))
+    torch.save({"w": torch.ones(2)}, step / "trainer.pt")
+    assert results_name(_cfg(shards, tmp_path, f"checkpoint={step}")) != first
+    assert first.startswith("clip-step-00000004-0shot-seed0-")
 
 
 def test_trained_method_without_checkpoint_is_an_error_unless_untrained(shards, tmp_path, capsys):

@@ -106,26 +106,23 @@ def cell_hash(cfg: EvalConfig) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-_CHECKPOINT_DIGESTS: dict[tuple, str] = {}
-
-
 def checkpoint_identity(path: Optional[str]) -> Optional[str]:
-    """The checkpoint's sha256 (its content, wherever it lies; cached per path, size and mtime),
-    or its path when it cannot be read (loading it reports that)."""
+    """The checkpoint's sha256: its content wherever it lies (a file, or every file of a checkpoint
+    folder with its relative name); its path when it cannot be read (loading it reports that)."""
     if not path:
         return None
+    root = Path(path)
+    digest = hashlib.sha256()
     try:
-        st = os.stat(path)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
     except OSError:
         return str(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _CHECKPOINT_DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        _CHECKPOINT_DIGESTS[key] = digest.hexdigest()
-    return _CHECKPOINT_DIGESTS[key]
+    return digest.hexdigest()
 
 
 def _name_part(text: str) -> str:
@@ -185,6 +182,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     acc = {c: ClassMetrics(c, pixel=has_masks) for c in classes}
     scores_out: list[dict] = []
     overlays: dict[str, int] = {}
+    stem = results_stem(cfg)  # hashes the checkpoint: once
     n_images, t_model = 0, 0.0
     amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
     for b, batch in enumerate(loader):
@@ -208,7 +206,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
             scores_out += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
                            for k, c, l, s in zip(batch["key"], batch["cls"], batch["label"], scores)]
         if cfg.save_overlays:
-            _overlays(cfg, batch, maps, overlays)
+            _overlays(cfg, Path(cfg.out_dir) / "overlays" / stem, batch, maps, overlays)
     states = {c: a.state() for c, a in acc.items()}
     if world > 1:
         gathered: list[Any] = [None] * world if rank == 0 else None
@@ -243,7 +241,6 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
         results["paper_compat"] = {"anomalyclip_pro": {c: anomalyclip_pro(a) for c, a in acc.items()}}
     if cfg.save_scores:
         results["scores"] = sorted(scores_out, key=lambda r: r["key"])
-    stem = results_stem(cfg)
     write_results(results, Path(cfg.out_dir) / f"{stem}.json")
     save_resolved(cfg, cfg.out_dir, name=f"{stem}.config.yaml")
     if world > 1:
@@ -327,10 +324,9 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def _overlays(cfg: EvalConfig, batch: dict, maps: torch.Tensor, done: dict[str, int]) -> None:
+def _overlays(cfg: EvalConfig, folder: Path, batch: dict, maps: torch.Tensor, done: dict[str, int]) -> None:
     from zsadx.eval.visualize import overlay_png
 
-    folder = Path(cfg.out_dir) / "overlays" / results_stem(cfg)
     for i, c in enumerate(batch["cls"]):
         if done.get(c, 0) >= cfg.save_overlays:
             continue
