@@ -30,7 +30,8 @@ def train_args(shards: Path, out: Path, *overrides: str, method: str = "anomalyc
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The trainable state in final.pt (which also records the method and backbone it is for)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["state"]
 
 
 def assert_same(a: dict, b: dict, atol: float = 0.0, rtol: float = 0.0) -> None:
@@ -82,7 +83,7 @@ def test_deepspeed_zero2_runs_and_resumes_exactly(shards, tmp_path, method):
     assert sorted(p.name for p in ds.iterdir()) == ["mp_rank_00_model_states.pt",
                                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                                     "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    module = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]  # DeepSpeed's own file, from this run
     assert module and all(k.startswith(TRAINABLE_PREFIXES[method]) for k in module), list(module)[:5]
     # Cut the run back to its step-3 checkpoint, as if killed just after it, and resume.
     shutil.copytree(full, cut)
@@ -131,7 +132,7 @@ def test_killed_and_resumed_equals_uninterrupted(shards, uninterrupted, tmp_path
     proc.send_signal(getattr(signal, how))
     rc = proc.wait(timeout=120)
     last = sorted((out / "checkpoints").glob("step-*"))[-1]
-    state = torch.load(last / "trainer.pt", map_location="cpu", weights_only=False)
+    state = torch.load(last / "trainer.pt", map_location="cpu", weights_only=True)
     if how == "SIGKILL":
         assert rc == -signal.SIGKILL
         assert state["reason"] == "periodic"
@@ -144,6 +145,7 @@ def test_killed_and_resumed_equals_uninterrupted(shards, uninterrupted, tmp_path
     run_checked(launch_cmd(1, "zsadx.train", *train_args(shards, out, *INTERRUPT_ARGS, "resume=latest")))
     assert_same(weights(uninterrupted / "final.pt"), weights(out / "final.pt"))
     assert json.loads((out / "run.json").read_text())["steps"] == 60
+    assert [r["step"] for r in read_log(out)] == list(range(1, 61))  # one run: no step logged twice
 
 
 def test_checkpoints_hold_only_trainable_state(uninterrupted):
@@ -155,7 +157,7 @@ def test_checkpoints_hold_only_trainable_state(uninterrupted):
     n_trainable = sum(p.numel() for p in method.trainable_parameters())
     ckpts = sorted((uninterrupted / "checkpoints").glob("step-*"))
     assert [p.name for p in ckpts] == ["step-00000050", "step-00000055", "step-00000060"]  # keep_checkpoints: 3
-    state = torch.load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpts[-1] / "trainer.pt", map_location="cpu", weights_only=True)
     assert set(state["method"]) == trainable and not any("backbone" in k for k in state["method"])
     assert set(weights(uninterrupted / "final.pt")) == trainable
     # Adam's two moments for the trainable parameters only, never for the frozen CLIP.

@@ -223,6 +223,8 @@ def save(obj: Any, path: Path) -> Path:
 
 def as_disk_full(exc: BaseException, path: Path) -> Optional[DiskFullError]:
     """A full disk as torch's and DeepSpeed's writers report it (a RuntimeError without errno) too."""
+    if isinstance(exc, DiskFullError):  # already names the file that did not fit
+        return exc
     full = disk_full(exc, path)
     if full is None and isinstance(exc, RuntimeError) and "write" in str(exc).lower() and _nearly_full(path):
         full = disk_full(OSError(errno.ENOSPC, "no space left"), path)
