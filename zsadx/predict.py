@@ -19,10 +19,16 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_main)
 
 
+def read_images(image_path: str, refs: list[str]) -> list:
+    """The decoded image and references; a missing, non-image or oversized file is a one-line
+    :class:`~zsadx.data.transforms.ImageError` naming it (checked before any model is built)."""
+    from zsadx.data.transforms import load_image
+
+    return [load_image(image_path, "image")] + [load_image(r, "reference image") for r in refs]
+
+
 def predict_image(method, image_path: str, refs: list[str], class_name: str):
     """(score, map at eval size, input tensor) for one image file."""
-    from PIL import Image
-
     from zsadx.data.transforms import EvalTransform
     from zsadx.models.scoring import gaussian_blur, upsample
 
@@ -30,18 +36,9 @@ def predict_image(method, image_path: str, refs: list[str], class_name: str):
     size = cfg.input_size or cfg.backbone.image_size
     eval_size = cfg.eval_size or size
     t = EvalTransform(size=size)
-
-    def load(p: str) -> torch.Tensor:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"image not found: {p}")
-        try:
-            with Image.open(p) as im:
-                return t.image(im)
-        except OSError as exc:
-            raise ValueError(f"{p}: not a readable image ({exc})") from exc
-
-    x = load(image_path)[None]
-    references = {class_name: torch.stack([load(r) for r in refs])} if refs else None
+    image, *ref_images = read_images(image_path, refs)
+    x = t.image(image)[None]
+    references = {class_name: torch.stack([t.image(r) for r in ref_images])} if refs else None
     method.prepare([class_name], "industrial", references)
     with torch.inference_mode():
         pred = method.predict({"image": x, "cls": [class_name]})
@@ -59,6 +56,7 @@ def _main(args: argparse.Namespace) -> int:
     from zsadx.eval.evaluator import EvalConfig
     from zsadx.models.methods.base import build_method
 
+    read_images(args.image, args.ref)
     over = list(args.overrides)
     if args.ref:
         over.append(f"method.shots={len(args.ref)}")

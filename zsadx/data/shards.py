@@ -8,11 +8,18 @@ On-disk format (``FORMAT_VERSION``):
   the original size), for anomalous images with masks ``{key}.mask.png`` (the binary mask resized
   bilinearly: 8-bit coverage, from which "bilinear then > 0.5" is exact) and ``{key}.maskn.png``
   (resized with nearest neighbour), and ``{key}.json`` (the manifest record's metadata);
-* ``index.json`` written last: shards, sample counts per class and split, sizes, format version.
+* ``index.json``: shards, sample counts per class and split, sizes, format version, and per dataset
+  which classes the folder holds (``datasets``: classes, catalog_classes, missing_classes, subset).
 
-Each group's shards are written to temporary names and renamed when the group is complete; a
-marker in ``_progress/`` records finished groups, so an interrupted run is detectable (no
-``index.json``) and restartable (finished groups are skipped).
+One folder holds every dataset (grids need that), so a run MERGES into it: the (dataset, class)
+pairs of the manifest replace exactly their groups and tars; every other group stays byte for byte.
+The marker of a group in ``_progress/`` (written when its tars are complete) is the source of
+truth and the index is rebuilt from the markers, so an interrupted run is restartable (finished
+groups are skipped) and detectable (no ``index.json`` after a first run; otherwise the index lists
+the groups being rewritten under ``pending``). zsadx deletes only tars its markers list, inside the
+folder, and its own temp files; the folder carries an ownership marker and a lock held while writing.
+One folder holds one image size and format: a run with other settings that would leave groups of
+the old settings is refused.
 """
 from __future__ import annotations
 
@@ -29,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from PIL import Image
-
-from zsadx.errors import UserError
 from zsadx.data.records import Record, read_manifest
-from zsadx.data.transforms import nearest_mask, resize_image, soft_mask
+from zsadx.data.transforms import ImageError, load_image, nearest_mask, resize_image, soft_mask, to_rgb8
+from zsadx.errors import UserError
+from zsadx.files import (FolderLock, atomic_write_json, atomic_write_text, is_temp_name, mark_owned, owner_kind,
+                         resolve_within, safe_component, temp_path)
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +87,8 @@ class EncodeOptions:
 def encode_sample(rec: Record, opts: EncodeOptions) -> dict[str, bytes]:
     """Read, resize and encode one record; errors name the file."""
     files: dict[str, bytes] = {}
-    try:
-        with Image.open(rec.image) as im:
-            im = resize_image(im, opts.size) if opts.size else im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001
-        raise ShardError(f"{rec.image}: unreadable image ({exc}) for key {rec.key}") from exc
+    im = _load(rec.image, "image", rec.key)
+    im = resize_image(im, opts.size) if opts.size else to_rgb8(im)
     buf = io.BytesIO()
     if opts.format == "png":
         im.save(buf, "PNG", compress_level=1)
@@ -96,13 +100,12 @@ def encode_sample(rec: Record, opts: EncodeOptions) -> dict[str, bytes]:
         raise ValueError(f"unknown image format {opts.format!r}: png, webp or jpg")
     files[f"img.{opts.format}"] = buf.getvalue()
     if rec.mask:
-        with Image.open(rec.mask) as m:
-            m.load()
-            if opts.size is None:  # original size: both rules give the binary mask itself
-                soft = hard = nearest_mask(m, 0, rec.mask_threshold)
-            else:
-                soft = soft_mask(m, opts.size, rec.mask_threshold)
-                hard = nearest_mask(m, opts.size, rec.mask_threshold)
+        m = _load(rec.mask, "mask", rec.key)
+        if opts.size is None:  # original size: both rules give the binary mask itself
+            soft = hard = nearest_mask(m, 0, rec.mask_threshold)
+        else:
+            soft = soft_mask(m, opts.size, rec.mask_threshold)
+            hard = nearest_mask(m, opts.size, rec.mask_threshold)
         for name, img in (("mask.png", soft), ("maskn.png", hard)):
             b = io.BytesIO()
             img.save(b, "PNG", compress_level=6)
@@ -112,6 +115,13 @@ def encode_sample(rec: Record, opts: EncodeOptions) -> dict[str, bytes]:
             "original_size": [rec.width, rec.height], "source": rec.source, "sha1": rec.sha1}
     files["json"] = json.dumps(meta).encode()
     return files
+
+
+def _load(path: str, what: str, key: str):
+    try:
+        return load_image(path, what)
+    except ImageError as exc:
+        raise ShardError(f"{exc} (manifest key {key}): fix or remove the file and convert the dataset again") from exc
 
 
 def _add(tar: tarfile.TarFile, key: str, files: dict[str, bytes]) -> int:
@@ -128,79 +138,249 @@ def _add(tar: tarfile.TarFile, key: str, files: dict[str, bytes]) -> int:
 
 def write_shards(manifest: str | os.PathLike, out: str | os.PathLike, size: Optional[int] = 518,
                  shard_size: str | int = "256MB", fmt: str = "png", quality: int = 95, workers: int = 2,
-                 max_count: int = 10_000, progress: bool = True) -> dict:
-    """Shard a manifest into ``out``; resumes an interrupted run; returns the index."""
-    from tqdm import tqdm
+                 max_count: int = 10_000, progress: bool = True, wait_lock: bool = False) -> dict:
+    """Shard a manifest into ``out``, merging with the groups already there; returns the index.
 
+    The unit of replacement is a (dataset, class): the manifest's classes replace exactly their
+    groups (and tars) in ``out``; every other group stays as it was, tars and index entry byte for
+    byte. A group whose marker already matches (same keys, same settings) is not rewritten, so an
+    interrupted run resumes. The folder is locked while it is written (``wait_lock``: wait for
+    another writer instead of refusing).
+    """
     records = read_manifest(manifest)
     out = Path(out)
+    check_shard_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / PROGRESS).mkdir(exist_ok=True)
-    limit = parse_size(shard_size)
-    opts = EncodeOptions(size=size, format=fmt, quality=quality)
-    settings = {"image_size": size, "image_format": fmt, "quality": quality, "format_version": FORMAT_VERSION}
-    if (out / INDEX).exists():
-        (out / INDEX).unlink()  # rewritten last; its absence marks a run in progress
+    if owner_kind(out) != OWNER_KIND:
+        mark_owned(out, OWNER_KIND)
+    with FolderLock(out, "the shard folder", wait=wait_lock):
+        (out / PROGRESS).mkdir(exist_ok=True)
+        remove_stale_temps(out)
+        return _write_locked(records, out, EncodeOptions(size=size, format=fmt, quality=quality),
+                             parse_size(shard_size), workers, max_count, progress)
+
+
+def _write_locked(records: list[Record], out: Path, opts: EncodeOptions, limit: int, workers: int,
+                  max_count: int, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    settings = {"image_size": opts.size, "image_format": opts.format, "quality": opts.quality,
+                "format_version": FORMAT_VERSION}
+    groups = group_records(records)
+    existing = read_groups(out)
+    _check_same_identity(groups, existing)
+    classes = {(recs[0].dataset, recs[0].cls) for recs in groups.values()}
+    stale = {g for g, m in existing.items() if (m["dataset"], m["cls"]) in classes and g not in groups}
+    todo = [g for g in sorted(groups) if not _up_to_date(existing.get(g), settings, groups[g])]
+    _check_settings(out, {g: m for g, m in existing.items() if g not in groups and g not in stale}, settings)
+    pending = sorted(stale | set(todo))
+    if pending and (out / INDEX).exists():  # keep the index readable: it lists complete groups only
+        write_index(out, {g: m for g, m in existing.items() if g not in pending}, settings,
+                    pending=[_identity(_marker_head(groups[g]) if g in groups else existing[g]) for g in pending])
+    for g in sorted(stale):
+        delete_group(out, existing[g])
+    # No bar where stderr is no terminal (disable=None): logs and error lines stay clean.
+    bar = tqdm(total=sum(len(groups[g]) for g in todo), desc="shard", unit="img", disable=None if progress else True)
+    try:
+        with ProcessPoolExecutor(max(1, workers)) as pool:
+            for g in todo:
+                if g in existing:
+                    delete_group(out, existing[g])
+                write_group(out, g, groups[g], opts, settings, pool, limit, max_count, bar)
+    finally:
+        bar.close()
+    return write_index(out, read_groups(out), settings)
+
+
+def group_records(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records by shard group; two (dataset, class, split) that give one group name are an error."""
     groups: dict[str, list[Record]] = defaultdict(list)
     for r in records:
-        groups[group_name(r.dataset, r.cls, r.split)].append(r)
-    todo = []
-    for g, recs in sorted(groups.items()):
-        marker = out / PROGRESS / f"{g}.json"
-        if marker.exists():
-            done = json.loads(marker.read_text())
-            if done.get("settings") == settings and done.get("keys") == [r.key for r in recs]:
-                continue
-        todo.append(g)
-    bar = tqdm(total=sum(len(groups[g]) for g in todo), desc="shard", unit="img", disable=not progress)
-    with ProcessPoolExecutor(max(1, workers)) as pool:
-        for g in todo:
-            recs = groups[g]
-            for old in out.glob(f"{g}-*.tar*"):
-                old.unlink()
-            shards, n_shard, tar, written, count, tmp_name = [], 0, None, 0, 0, None
+        g = group_name(r.dataset, r.cls, r.split)
+        if groups[g] and _identity(_marker_head(groups[g])) != _identity(_marker_head([r])):
+            raise ShardError(f"dataset '{r.dataset}' class '{r.cls}' split '{r.split}' and dataset "
+                             f"'{groups[g][0].dataset}' class '{groups[g][0].cls}' split '{groups[g][0].split}' "
+                             f"both become shard group '{g}'; rename one of them")
+        groups[g].append(r)
+    return dict(groups)
 
-            def close() -> None:
-                nonlocal tar
-                tar.close()
-                final = out / tmp_name[: -len(".tmp")]
-                os.replace(out / tmp_name, final)
-                shards.append({"name": final.name, "count": count, "bytes": final.stat().st_size})
+
+def _marker_head(recs: Sequence[Record]) -> dict:
+    r0 = recs[0]
+    return {"group": group_name(r0.dataset, r0.cls, r0.split), "dataset": r0.dataset, "cls": r0.cls,
+            "split": r0.split, "domain": r0.domain}
+
+
+def _identity(m: dict) -> dict:
+    return {k: m[k] for k in ("group", "dataset", "cls", "split")}
+
+
+def _check_same_identity(groups: dict[str, list[Record]], existing: dict[str, dict]) -> None:
+    for g, recs in groups.items():
+        if g in existing and _identity(existing[g]) != _identity(_marker_head(recs)):
+            old, new = existing[g], recs[0]
+            raise ShardError(f"dataset '{new.dataset}' class '{new.cls}' split '{new.split}' would become shard "
+                             f"group '{g}', which already holds dataset '{old['dataset']}' class '{old['cls']}' "
+                             f"split '{old['split']}'; rename one of them or shard into another folder")
+
+
+def _up_to_date(marker: Optional[dict], settings: dict, recs: Sequence[Record]) -> bool:
+    return bool(marker) and marker.get("settings") == settings and marker.get("keys") == [r.key for r in recs]
+
+
+def _describe(settings: dict) -> str:
+    size = settings.get("image_size")
+    return (f"{'original size' if size is None else f'{size} px'}, {settings.get('image_format')}"
+            + (f" quality {settings.get('quality')}" if settings.get("image_format") == "jpg" else "")
+            + f", format version {settings.get('format_version')}")
+
+
+def _check_settings(out: Path, kept: dict[str, dict], settings: dict) -> None:
+    """Groups that stay must have this run's settings: one folder holds one image size and format."""
+    for g, m in sorted(kept.items()):
+        if m.get("settings") != settings:
+            size = m.get("settings", {}).get("image_size")
+            raise ShardError(
+                f"{out}: holds shards written with {_describe(m.get('settings', {}))} (e.g. group {g}) and this run "
+                f"asks for {_describe(settings)}; one shard folder holds one image size and format: shard into "
+                f"another --out folder, or repeat the folder's settings (--size {size or 'original'} "
+                f"--format {m.get('settings', {}).get('image_format')})")
+
+
+def write_group(out: Path, g: str, recs: list[Record], opts: EncodeOptions, settings: dict,
+                pool: ProcessPoolExecutor, limit: int, max_count: int, bar) -> dict:
+    """Write one group's tars (temp names, renamed when complete), then its marker."""
+    shards: list[dict] = []
+    tar, tmp, final, written, count = None, None, None, 0, 0
+    try:
+        for rec, files in zip(recs, pool.map(encode_sample, recs, [opts] * len(recs), chunksize=8)):
+            if tar is None:
+                final = out / f"{g}-{len(shards):05d}.tar"
+                tmp = temp_path(final)
+                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+                written, count = 0, 0
+            written += _add(tar, rec.key, files)
+            count += 1
+            bar.update()
+            if written >= limit or count >= max_count:
+                shards.append(_close(tar, tmp, final, count))
                 tar = None
+        if tar is not None:
+            shards.append(_close(tar, tmp, final, count))
+            tar = None
+    except BaseException:
+        if tar is not None:
+            tar.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    counts = {"normal": sum(1 for r in recs if not r.label), "anomalous": sum(1 for r in recs if r.label),
+              "masks": sum(1 for r in recs if r.mask)}
+    marker = {**_marker_head(recs), "shards": shards, "counts": counts, "settings": settings,
+              "keys": [r.key for r in recs]}
+    atomic_write_json(out / PROGRESS / f"{g}.json", marker)
+    return marker
 
-            for rec, files in zip(recs, pool.map(encode_sample, recs, [opts] * len(recs), chunksize=8)):
-                if tar is None:
-                    tmp_name = f"{g}-{n_shard:05d}.tar.tmp"
-                    tar = tarfile.open(out / tmp_name, "w", format=tarfile.USTAR_FORMAT)
-                    written, count = 0, 0
-                    n_shard += 1
-                written += _add(tar, rec.key, files)
-                count += 1
-                bar.update()
-                if written >= limit or count >= max_count:
-                    close()
-            if tar is not None:
-                close()
-            r0 = recs[0]
-            counts = {"normal": sum(1 for r in recs if not r.label), "anomalous": sum(1 for r in recs if r.label),
-                      "masks": sum(1 for r in recs if r.mask)}
-            marker = {"group": g, "dataset": r0.dataset, "cls": r0.cls, "split": r0.split, "domain": r0.domain,
-                      "shards": shards, "counts": counts, "settings": settings, "keys": [r.key for r in recs]}
-            tmp = out / PROGRESS / f"{g}.json.tmp"
-            tmp.write_text(json.dumps(marker))
-            os.replace(tmp, out / PROGRESS / f"{g}.json")
-    bar.close()
-    index = {"format_version": FORMAT_VERSION, **settings, "groups": []}
-    for g in sorted(groups):
-        m = json.loads((out / PROGRESS / f"{g}.json").read_text())
-        m.pop("keys")
-        m.pop("settings")
-        index["groups"].append(m)
-    index["samples"] = sum(sum(s["count"] for s in g["shards"]) for g in index["groups"])
-    index["bytes"] = sum(sum(s["bytes"] for s in g["shards"]) for g in index["groups"])
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out / INDEX)
+
+def _close(tar: tarfile.TarFile, tmp: Path, final: Path, count: int) -> dict:
+    tar.close()
+    os.replace(tmp, final)
+    return {"name": final.name, "count": count, "bytes": final.stat().st_size}
+
+
+# ------------------------------------------------------------------------------------------
+# The folder: ownership, markers, index
+# ------------------------------------------------------------------------------------------
+
+OWNER_KIND = "shards"
+_LEGACY_TEMP = re.compile(r"[A-Za-z0-9_+-]+-\d{5}\.tar\.tmp|index\.json\.tmp")
+
+
+def check_shard_folder(out: Path) -> None:
+    """Refuse a folder zsadx did not write as shards (a shard folder of older zsadx is adopted)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ShardError(f"--out {out} is a file, not a folder; choose a new or empty --out folder")
+    kind = owner_kind(out)
+    if kind == OWNER_KIND or (kind is None and ((out / INDEX).is_file() or (out / PROGRESS).is_dir())):
+        return
+    if kind is not None:
+        raise ShardError(f"{out}: zsadx wrote this folder as '{kind}', not as shards; choose another --out "
+                         f"folder (e.g. {out / 'shards'})")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ShardError(f"{out}: the folder exists and was not written by `zsadx data shard` (it holds {shown}); "
+                         f"choose a new or empty --out folder")
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove temp files of killed runs (called with the lock held: no live writer owns them).
+
+    Only names zsadx gives its temp files are removed: ``.<name>.tmp-<pid>-<id>`` tars, markers and
+    indexes, and the ``<group>-NNNNN.tar.tmp`` / ``*.json.tmp`` names of older versions.
+    """
+    removed = []
+    for folder in (out, out / PROGRESS):
+        for p in folder.iterdir():
+            ours = is_temp_name(p.name) and (".tar.tmp-" in p.name or ".json.tmp-" in p.name)
+            legacy = _LEGACY_TEMP.fullmatch(p.name) or (folder.name == PROGRESS and p.name.endswith(".json.tmp"))
+            if p.is_file() and (ours or legacy):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def read_groups(out: Path) -> dict[str, dict]:
+    """Every complete group in ``out``: its marker in ``_progress/`` (the source of truth), else its
+    entry in an index written by an older zsadx (with the index's settings and unknown keys)."""
+    groups: dict[str, dict] = {}
+    for p in sorted((out / PROGRESS).glob("*.json")):
+        try:
+            m = json.loads(p.read_text())
+            groups[_valid_group(m, p)["group"]] = m
+        except (ValueError, ShardError) as exc:
+            log.warning("ignoring a broken progress marker %s (%s); its group is rewritten when sharded again",
+                        p, exc)
+    if (out / INDEX).is_file():
+        try:
+            index = load_index(out)
+        except ShardError as exc:
+            log.warning("%s; rebuilding it from the progress markers", exc)
+            return groups
+        settings = {k: index.get(k) for k in ("image_size", "image_format", "quality", "format_version")}
+        for g in index["groups"]:
+            groups.setdefault(g["group"], {**g, "settings": settings, "keys": None})
+    return groups
+
+
+def delete_group(out: Path, marker: dict) -> None:
+    """Delete a group's tars -- only those its marker lists, inside ``out`` -- then its marker."""
+    for s in marker.get("shards", []):
+        name = safe_component(s["name"], f"{out / PROGRESS / (marker['group'] + '.json')}: shard name")
+        resolve_within(out, name, "shard name").unlink(missing_ok=True)
+    (out / PROGRESS / f"{safe_component(marker['group'], 'shard group')}.json").unlink(missing_ok=True)
+
+
+def write_index(out: Path, groups: dict[str, dict], settings: dict, pending: Sequence[dict] = ()) -> dict:
+    """Write ``index.json`` from the groups' markers (entries in group order: deterministic bytes).
+
+    ``datasets`` records, per dataset, which classes the folder holds against its catalog; ``pending``
+    (only while a run is writing, or after it was killed) the groups being rewritten.
+    """
+    from zsadx.data.convert.plugins import class_coverage
+
+    entries = [{k: v for k, v in m.items() if k not in ("keys", "settings")} for _, m in sorted(groups.items())]
+    held: dict[str, set] = defaultdict(set)
+    for e in entries:
+        held[e["dataset"]].add(e["cls"])
+    index = {"format_version": FORMAT_VERSION, **settings, "groups": entries,
+             "datasets": {d: class_coverage(d, classes) for d, classes in sorted(held.items())}}
+    if pending:
+        index["pending"] = list(pending)
+    index["samples"] = sum(sum(s["count"] for s in g["shards"]) for g in entries)
+    index["bytes"] = sum(sum(s["bytes"] for s in g["shards"]) for g in entries)
+    atomic_write_text(out / INDEX, json.dumps(index, indent=1))
     return index
 
 
@@ -224,11 +404,32 @@ def load_index(root: str | os.PathLike) -> dict:
         hint = (" An interrupted `zsadx data shard` left it unfinished: run the same command again to resume."
                 if (root / PROGRESS).is_dir() else " Create shards with `zsadx data shard MANIFEST --out DIR`.")
         raise ShardError(f"{path}: no shard index.{hint}")
-    index = json.loads(path.read_text())
+    rerun = f"re-run `zsadx data shard MANIFEST --out {root}` (finished groups are kept)"
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # truncated or garbled
+        raise ShardError(f"{path}: not a readable shard index ({type(exc).__name__}: {exc}); {rerun}") from None
+    if not isinstance(index, dict):
+        raise ShardError(f"{path}: not a shard index (a JSON {type(index).__name__}); {rerun}")
     if index.get("format_version") != FORMAT_VERSION:
         raise ShardError(f"{path}: shard format version {index.get('format_version')} but this zsadx reads "
                          f"version {FORMAT_VERSION}. Re-shard with `zsadx data shard MANIFEST --out {root}`.")
+    if not isinstance(index.get("groups"), list):
+        raise ShardError(f"{path}: shard index without a list of groups; {rerun}")
+    for g in index["groups"]:
+        _valid_group(g, path)
     return index
+
+
+def _valid_group(g, path: Path) -> dict:
+    """A group entry (index or progress marker) with the fields readers use, else a ShardError."""
+    ok = (isinstance(g, dict) and all(isinstance(g.get(k), str) for k in ("group", "dataset", "cls", "split"))
+          and isinstance(g.get("shards"), list)
+          and all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
+                  for s in g["shards"]))
+    if not ok:
+        raise ShardError(f"{path}: a broken group entry ({str(g)[:80]}); re-run `zsadx data shard` for its dataset")
+    return g
 
 
 def select_shards(root: str | os.PathLike, dataset: str | None = None, classes: Sequence[str] | None = None,
@@ -239,6 +440,7 @@ def select_shards(root: str | os.PathLike, dataset: str | None = None, classes: 
     root = Path(root)
     index = load_index(root)
     groups = index["groups"]
+    _refuse_pending(root, index, dataset, classes)
     if dataset is not None:
         names = {g["dataset"] for g in groups}
         if dataset not in names:
@@ -253,8 +455,24 @@ def select_shards(root: str | os.PathLike, dataset: str | None = None, classes: 
         groups = [g for g in groups if g["cls"] in set(classes)]
     if split is not None:
         groups = [g for g in groups if g["split"] == split]
-    return [ShardRef(str(root / s["name"]), s["count"], g["dataset"], g["cls"], g["split"])
+    return [ShardRef(str(shard_path(root, s["name"])), s["count"], g["dataset"], g["cls"], g["split"])
             for g in groups for s in g["shards"]]
+
+
+def shard_path(root: Path, name: str) -> Path:
+    """``root / name`` for a shard name from the index; a name leading outside ``root`` is refused."""
+    resolve_within(root, name, f"{root / INDEX}: shard name")
+    return root / name
+
+
+def _refuse_pending(root: Path, index: dict, dataset: str | None, classes: Sequence[str] | None) -> None:
+    """Groups being rewritten (or whose run was killed) are not in the index: say so, not 'absent'."""
+    pending = [p for p in index.get("pending", []) if isinstance(p, dict)
+               and (dataset is None or p.get("dataset") == dataset) and (not classes or p.get("cls") in classes)]
+    if pending:
+        names = ", ".join(sorted({f"{p.get('dataset')}/{p.get('cls')}" for p in pending}))
+        raise ShardError(f"{root}: {names} is being written by `zsadx data shard`, or that run was interrupted: "
+                         f"wait for it, or run the same command again to finish it")
 
 
 def iter_tar(path: str, skip_errors: bool = False) -> Iterator[dict[str, bytes]]:
@@ -293,13 +511,15 @@ def add_parser(dsub) -> None:
     p.add_argument("--format", default="png", choices=["png", "webp", "jpg"])
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (jpg only)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--wait-lock", action="store_true",
+                   help="wait while another `zsadx data shard` writes into --out (default: refuse)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     size = None if args.size == "original" else int(args.size)
     index = write_shards(args.manifest, args.out, size=size, shard_size=args.shard_size, fmt=args.format,
-                         quality=args.quality, workers=args.workers)
+                         quality=args.quality, workers=args.workers, wait_lock=args.wait_lock)
     n_shards = sum(len(g["shards"]) for g in index["groups"])
     print(f"{index['samples']} samples in {n_shards} shards ({index['bytes'] / 1e6:.1f} MB) "
           f"under {args.out}, {len(index['groups'])} groups (dataset x class x split)")

@@ -33,6 +33,9 @@ class ImageError(UserError, ValueError):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self):  # crosses process pools (sharding workers) intact
+        return type(self), (self.path, self.reason)
+
 
 def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
     """The decoded image file; anything wrong with the file is an :class:`ImageError` naming it.
@@ -48,12 +51,12 @@ def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
     except FileNotFoundError:
         raise ImageError(path, f"{what} not found") from None
     except IsADirectoryError:
-        raise ImageError(path, f"is a folder, not an {what} file") from None
+        raise ImageError(path, f"is a folder, not an image file ({what})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(path, f"{what} too large to decode safely ({exc}); Pillow's limit is "
                                f"{Image.MAX_IMAGE_PIXELS} pixels: downscale it first") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(path, f"not an {what} file Pillow can read ({type(exc).__name__})") from exc
+        raise ImageError(path, f"not an image file (Pillow cannot identify it; {what})") from exc
     except Exception as exc:  # noqa: BLE001 - decoders raise many types (OSError, SyntaxError, ValueError...)
         raise ImageError(path, f"{type(exc).__name__}: {exc}") from exc
     return im

@@ -286,7 +286,7 @@ def _validate_all(root: Path, tmp: Path, final_out: Path, entry: DatasetEntry, c
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = pool.map(lambda c: _validate(root, tmp, final_out, entry, c), candidates)
         for rec, problem in tqdm(results, total=len(candidates), desc=f"convert {entry.name}",
-                                 disable=not progress, unit="img"):
+                                 disable=None if progress else True, unit="img"):
             if problem:
                 problems.add(*problem)
             else:
