@@ -138,12 +138,14 @@ def _boot_id() -> str:
 
 
 def _start_ticks(pid: int) -> Optional[str]:
-    """The process's start time (clock ticks since boot), or None when there is no such process."""
+    """The process's start time (clock ticks since boot), or None when there is no such process
+    (or only its zombie: it ended, and its parent did not reap it yet)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ')' may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # the name before ')' may hold spaces
+    return None if fields[0] in ("Z", "X") else fields[19]  # state, start time (fields 3 and 22)
 
 
 def process_identity(pid: int) -> Optional[dict]:

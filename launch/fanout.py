@@ -177,13 +177,19 @@ def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
 
 def _run_debug(t: Todo, progress: "Progress") -> None:
     """In this process, in order; failures stay in the markers (and are reported at the end)."""
-    for spec in [_spec(c, None, 1) for c in t.train] + [_spec(c, None) for c in t.evals]:
-        progress.started(spec["id"])
-        try:
-            CellJob(spec)()
-        except Exception:  # noqa: BLE001 - recorded in the cell's marker
-            pass
-        progress.finished(spec["id"], Path(spec["folder"]))
+    for spec in [_spec(c, None, 1) for c in t.train]:
+        _run_here(spec, progress)
+    for spec in [_spec(c, None) for c in _after_training(t.evals, progress)]:
+        _run_here(spec, progress)
+
+
+def _run_here(spec: dict, progress: "Progress") -> None:
+    progress.started(spec["id"])
+    try:
+        CellJob(spec)()
+    except Exception:  # noqa: BLE001 - recorded in the cell's marker
+        pass
+    progress.finished(spec["id"], Path(spec["folder"]))
 
 
 def _run_local(plan: Plan, t: Todo, folder: Path, progress: "Progress") -> list[str]:
@@ -193,26 +199,42 @@ def _run_local(plan: Plan, t: Todo, folder: Path, progress: "Progress") -> list[
     jobs = _submit_array(_executor(plan, folder), tspecs)
     watch([c.folder for c in t.train], progress)
     _reap(jobs)
-    n = max(1, min(len(t.evals), cores))
-    specs = [{**_spec(c, None, cluster="local"), "threads": max(1, cores // n)} for c in t.evals]
-    ex = _executor(plan, folder)
-    with ex.batch():
-        eval_jobs = [ex.submit(CellBatch(specs[i::n])) for i in range(n)] if specs else []
+    evals = _after_training(t.evals, progress)
+    n = max(1, min(len(evals), cores))
+    specs = [{**_spec(c, None, cluster="local"), "threads": max(1, cores // n)} for c in evals]
+    eval_jobs = []
+    if specs:
+        ex = _executor(plan, folder)
+        with ex.batch():
+            eval_jobs = [ex.submit(CellBatch(specs[i::n])) for i in range(n)]
     for i, job in enumerate(eval_jobs):
         for s in specs[i::n]:
             cache.mark_submitted(Path(s["folder"]), s, str(job.job_id), str(job.paths.stderr))
-    watch([c.folder for c in t.evals], progress)
+    watch([c.folder for c in evals], progress)
     _reap(eval_jobs)
     return [j.job_id for j in (*jobs, *eval_jobs)]
 
 
-def _reap(jobs: list) -> None:
-    """Wait for local job processes whose cells have all finished (failures are in the markers)."""
+def _after_training(evals: list[EvalCell], progress: "Progress") -> list[EvalCell]:
+    """The evaluations whose training (if this run trained it) is done; the others are reported
+    as skipped instead of started only to fail."""
+    out = []
+    for c in evals:
+        trained = progress.ended.get(c.train.id) if c.train is not None else None
+        if trained not in (None, "done"):
+            progress.skipped(c.id, f"its training cell {c.train.id} is {trained}")
+        else:
+            out.append(c)
+    return out
+
+
+def _reap(jobs: list, timeout: float = 30.0) -> None:
+    """Let local job processes whose cells have all ended exit (and reap them). Not ``result()``:
+    for a killed job it waits for a result file that never comes; the markers hold the outcome."""
+    end = time.time() + timeout
     for j in jobs:
-        try:
-            j.result()
-        except Exception:  # noqa: BLE001 - the cell marker holds the error
-            pass
+        while not j.done() and time.time() < end:
+            time.sleep(0.2)
 
 
 class Progress:
@@ -243,6 +265,10 @@ class Progress:
         if status != "done":
             for line in failure_lines(status, marker):
                 self.log(line)
+
+    def skipped(self, cell_id: str, why: str) -> None:
+        self.ended[cell_id] = "skipped"
+        self.log(f"[{len(self.ended)}/{self.total}] skipped {cell_id}: {why}")
 
     def report_end(self) -> list[str]:
         bad = [i for i, s in self.ended.items() if s != "done"]

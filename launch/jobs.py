@@ -124,7 +124,7 @@ class CellJob:
         with open(log, "a") as f:
             self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             if rank == 0:  # an orphaned trainer (its job killed) keeps the cell alive: no second one
-                cache.write_marker(folder, trainer=cache.process_identity(self._child.pid))
+                cache.write_marker(folder, trainer=cache.process_identity(self._child.pid), log_file=str(log))
             rc = self._child.wait()
         self._child = None
         if rc in PREEMPTED:
@@ -151,9 +151,9 @@ class CellJob:
 
             torch.set_num_threads(int(spec["threads"]))
         if spec.get("train_folder"):
-            marker = cache.read_marker(Path(spec["train_folder"])) or {}
-            if marker.get("status") != "done":
-                raise RuntimeError(f"its training cell {spec['train_folder']} is {marker.get('status', 'missing')}")
+            status, _ = cache.marker_status(Path(spec["train_folder"]))
+            if status != "done":
+                raise RuntimeError(f"its training cell {spec['train_folder']} is {status or 'missing'}")
         cfg = load_config(EvalConfig, data=spec["config"])
         result = evaluate(cfg)
         from zsadx.eval.evaluator import results_name

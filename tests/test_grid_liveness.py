@@ -1,0 +1,186 @@
+"""Issue 16 case 7: a grid's status is true. Markers say where a cell runs; a cell whose job or
+process was killed reads ``lost`` (not running forever), and a re-run resubmits lost cells only,
+never one whose process (or orphaned trainer) still runs. Real processes, SIGKILL, real SLURM."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, make_shards, subprocess_env
+from launch import cache, fanout
+from launch.grid import expand, load_grid
+from test_grid import _slurm_ready
+from zsadx.cli import main
+
+
+def _wait_for(predicate, what: str, timeout: float = 180):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # a zombie (killed, not yet reaped by its new parent) is gone too
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_open_markers_of_dead_recycled_or_orphaned_processes(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        me = cache.process_identity(sleeper.pid)
+        cache.write_marker(tmp_path, status="running", cluster="local", where=me)
+        assert cache.marker_status(tmp_path)[0] == "running"
+        # the same pid with another start time: a recycled pid is not the cell's process
+        cache.write_marker(tmp_path, where={**me, "start": str(int(me["start"]) - 1)})
+        assert cache.marker_status(tmp_path)[0] == "lost"
+        # a process of another host cannot be checked from here: its status is kept
+        cache.write_marker(tmp_path, where={**me, "host": "not-" + socket.gethostname(), "pid": 1})
+        assert cache.marker_status(tmp_path)[0] == "running"
+        # the job died, the trainer it started still runs: the cell is alive
+        dead = subprocess.Popen(["true"])
+        dead_ident = cache.process_identity(dead.pid)
+        dead.wait()
+        cache.write_marker(tmp_path, where=dead_ident, trainer=me)
+        assert cache.marker_status(tmp_path)[0] == "running"
+        sleeper.send_signal(signal.SIGKILL)
+        sleeper.wait()
+        assert cache.marker_status(tmp_path)[0] == "lost"
+        # a submitted SLURM cell whose job is not in the queue, asked where squeue cannot be found
+        cache.write_marker(tmp_path, status="submitted", cluster="slurm", job_id="424242")
+        assert cache.Liveness().alive(cache.read_marker(tmp_path), written=0.0) in (None, False)
+    finally:
+        _kill(sleeper.pid)
+
+
+def _train_grid(tmp_path: Path, cluster: str, shards: Path) -> Path:
+    spec = {"name": "live", "out_dir": str(tmp_path / "out"), "shards": str(shards), "cluster": cluster,
+            "methods": [{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny", "label": "ac",
+                         "train_overrides": ["max_steps=1000000", "epochs=100000", "checkpoint_every=1000000",
+                                             "log_every=1"]}],
+            "train_sets": [{"name": "mvtec", "sources": [{"dataset": "mvtec-ad"}]}], "test_sets": ["mvtec-ad"],
+            "eval_overrides": ["data.num_workers=0"],
+            "slurm": {"cpus_per_task": 1, "mem_gb": 2, "time_min": 10}}
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("data"), {"mvtec-ad": 1}, size=64)
+
+
+def _training(folder: Path) -> dict:
+    """The running marker once the trainer has started."""
+    return _wait_for(lambda: (m := cache.read_marker(folder) or {}).get("status") == "running"
+                     and m.get("trainer") and m, "the training cell to start its trainer")
+
+
+def test_killed_orchestrator_orphan_trainer_is_not_started_twice_and_reads_lost_once_gone(tmp_path, shards, capsys):
+    grid = _train_grid(tmp_path, "debug", shards)
+    (train,) = expand(load_grid(str(grid))).train
+    orchestrator = subprocess.Popen([sys.executable, "-m", "zsadx", "grid", "run", str(grid)], cwd=REPO,
+                                    env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = None
+    try:
+        marker = _training(train.folder)
+        trainer = marker["trainer"]["pid"]
+        assert marker["where"]["pid"] == orchestrator.pid          # debug: the cell runs in the orchestrator
+        orchestrator.send_signal(signal.SIGKILL)
+        orchestrator.wait()
+        # The trainer, orphaned, still runs: status says so and a re-run leaves the cell alone.
+        assert main(["grid", "status", str(grid)]) == 0
+        out = capsys.readouterr().out
+        assert f"running   {train.id}" in out, out
+        assert main(["grid", "run", str(grid)]) == 0
+        out = capsys.readouterr().out
+        assert "1 cell(s) still queued or running are left alone" in out, out
+        assert "1 evaluation(s) wait for their training" in out
+        assert cache.read_marker(train.folder)["trainer"]["pid"] == trainer       # no second trainer
+        # Now the trainer dies too: the cell is lost (not running forever), and a re-run submits it.
+        _kill(trainer)
+        _wait_for(lambda: _gone(trainer), "the trainer to die")
+        assert main(["grid", "status", str(grid)]) == 1
+        out = capsys.readouterr().out
+        assert f"lost      {train.id}  [pid {orchestrator.pid} on {socket.gethostname()}]" in out, out
+        assert f"process {orchestrator.pid} on {socket.gethostname()} is gone without a result" in out
+        todo = fanout.todo(expand(load_grid(str(grid))))
+        assert [c.id for c in todo.train] == [train.id] and not todo.alive
+    finally:
+        _kill(orchestrator.pid)
+        if trainer:
+            _kill(trainer)
+
+
+def test_local_job_killed_ends_the_run_with_the_cell_lost_and_exit_1(tmp_path, shards):
+    grid = _train_grid(tmp_path, "local", shards)
+    (train,) = expand(load_grid(str(grid))).train
+    orchestrator = subprocess.Popen([sys.executable, "-m", "zsadx", "grid", "run", str(grid)], cwd=REPO,
+                                    env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = {}
+    try:
+        marker = _training(train.folder)
+        assert marker["where"]["pid"] != orchestrator.pid and marker["cluster"] == "local"
+        for pid in (marker["where"]["pid"], marker["trainer"]["pid"]):   # the job and its trainer
+            _kill(pid)
+        out = orchestrator.communicate(timeout=120)[0]
+    finally:
+        _kill(orchestrator.pid)
+        for k in ("where", "trainer"):
+            if marker.get(k):
+                _kill(marker[k]["pid"])
+    assert orchestrator.returncode == 1, out
+    assert f"[1/2] lost {train.id}" in out and "is gone without a result" in out, out
+    assert f"log: {train.folder / 'train.log'}" in out
+    # its evaluation is not started only to fail
+    assert f"[2/2] skipped eval/ac/mvtec/mvtec-ad/seed0: its training cell {train.id} is lost" in out
+    assert cache.state(train) == "lost"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
+def test_slurm_cell_whose_job_was_cancelled_reads_lost_and_a_live_one_is_not_resubmitted(tmp_path, shards, capsys):
+    grid = _train_grid(tmp_path, "slurm", shards)
+    (train,) = expand(load_grid(str(grid))).train
+    assert main(["grid", "run", str(grid)]) == 0
+    job = cache.read_marker(train.folder)["job_id"]
+    try:
+        _training(train.folder)
+        assert main(["grid", "status", str(grid)]) == 0
+        assert f"running   {train.id}  [job {job}]" in capsys.readouterr().out
+        assert main(["grid", "run", str(grid)]) == 0                       # alive: not submitted again
+        out = capsys.readouterr().out
+        assert "left alone" in out and "submitted" not in out, out
+        assert cache.read_marker(train.folder)["job_id"] == job
+        subprocess.run(["scancel", job], check=True)
+        _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+                                             text=True).stdout.strip(), f"SLURM job {job} to leave the queue")
+        assert main(["grid", "status", str(grid)]) == 1
+        out = capsys.readouterr().out
+        assert f"lost      {train.id}  [job {job}]" in out and f"SLURM job {job} left the queue" in out, out
+        assert cache.read_marker(train.folder)["status"] == "running"     # the marker is as the job left it
+    finally:
+        subprocess.run(["scancel", job])
