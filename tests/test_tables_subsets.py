@@ -4,6 +4,7 @@ full set -- from plain results folders and from grid cell markers alike."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -15,8 +16,8 @@ from zsadx.data.synthetic import make_raw
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """SDD (1 class) in full and BTAD (3 classes): the shards of everything, and a partial download
-    of BTAD (classes 01 and 02 only) whose index says which classes it lacks."""
+    """SDD (1 class) in full and BTAD (3 classes): the shards of everything, and those of a partial
+    BTAD download (classes 01 and 02 only, converted with --classes), whose index says what it lacks."""
     base = tmp_path_factory.mktemp("subsets")
     text = ""
     for name in ("sdd", "btad"):
@@ -25,16 +26,13 @@ def shards(tmp_path_factory):
         text += (base / "m" / name / "manifest.jsonl").read_text()
     (base / "all.jsonl").write_text(text)
     write_shards(base / "all.jsonl", base / "full", size=64, progress=False)
-    partial = [line for line in text.splitlines(keepends=True) if json.loads(line)["cls"] != "03"]
-    (base / "partial.jsonl").write_text("".join(partial))
-    write_shards(base / "partial.jsonl", base / "partial", size=64, progress=False)
-    # The per-dataset entry `zsadx data shard` writes for a partial download.
+    shutil.copytree(base / "raw" / "btad", base / "raw" / "btad-partial", ignore=shutil.ignore_patterns("03"))
+    assert main(["data", "convert", "btad", "--root", str(base / "raw" / "btad-partial"), "--out",
+                 str(base / "m" / "btad-partial"), "--classes", "01,02"]) == 0
+    assert main(["data", "shard", str(base / "m" / "btad-partial" / "manifest.jsonl"), "--out",
+                 str(base / "partial"), "--size", "64"]) == 0
     index = json.loads((base / "partial" / "index.json").read_text())
-    index["datasets"] = {"btad": {"classes": ["01", "02"], "catalog_classes": ["01", "02", "03"],
-                                  "missing_classes": ["03"], "subset": True},
-                         "sdd": {"classes": ["SDD"], "catalog_classes": ["SDD"], "missing_classes": [],
-                                 "subset": False}}
-    (base / "partial" / "index.json").write_text(json.dumps(index))
+    assert index["datasets"]["btad"]["missing_classes"] == ["03"]
     return base
 
 
@@ -60,7 +58,8 @@ def test_classes_option_makes_a_subset_row_left_out_of_the_average(shards, tmp_p
     sdd = zsadx_eval(shards / "full", "sdd", tmp_path / "sdd")
     btad = zsadx_eval(shards / "full", "btad", tmp_path / "btad", "01", "02")
     assert sdd["subset"] is False and sdd["classes_missing"] == []
-    assert btad["subset"] is True and btad["classes_missing"] == ["03"] and btad["catalog_classes"] == ["01", "02", "03"]
+    assert btad["subset"] is True and btad["classes_missing"] == ["03"]
+    assert btad["catalog_classes"] == ["01", "02", "03"]
     t = rows(table(capsys, tmp_path))
     assert list(t) == ["sdd", "industrial average", "btad (2/3 classes)"]
     # The average is that of the full datasets alone (SDD), not of SDD and two thirds of BTAD.
