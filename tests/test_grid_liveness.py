@@ -162,25 +162,34 @@ def test_local_job_killed_ends_the_run_with_the_cell_lost_and_exit_1(tmp_path, s
 
 @pytest.mark.slow
 @pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
-def test_slurm_cell_whose_job_was_cancelled_reads_lost_and_a_live_one_is_not_resubmitted(tmp_path, shards, capsys):
+def test_slurm_cell_whose_job_was_killed_reads_lost_and_a_live_one_is_not_resubmitted(tmp_path, shards, capsys):
     grid = _train_grid(tmp_path, "slurm", shards)
-    (train,) = expand(load_grid(str(grid))).train
+    plan = expand(load_grid(str(grid)))
+    (train,) = plan.train
     assert main(["grid", "run", str(grid)]) == 0
     job = cache.read_marker(train.folder)["job_id"]
+    eval_job = cache.read_marker(plan.evals[0].folder)["job_id"]
     try:
         _training(train.folder)
         assert main(["grid", "status", str(grid)]) == 0
         assert f"running   {train.id}  [job {job}]" in capsys.readouterr().out
         assert main(["grid", "run", str(grid)]) == 0                       # alive: not submitted again
         out = capsys.readouterr().out
-        assert "left alone" in out and "submitted" not in out, out
+        assert "left alone" in out and "to SLURM" not in out, out
         assert cache.read_marker(train.folder)["job_id"] == job
-        subprocess.run(["scancel", job], check=True)
+        # SIGKILL to the job's processes (as the OOM killer or a dying node would): no chance to write a
+        # marker. (scancel would SIGTERM the trainer first, and the job would record the failure itself.)
+        marker = cache.read_marker(train.folder)
+        for k in ("where", "trainer"):
+            os.kill(marker[k]["pid"], signal.SIGKILL)
         _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
                                              text=True).stdout.strip(), f"SLURM job {job} to leave the queue")
+        # A marker younger than the queue snapshot (less its slack) may name a job submitted after it.
+        written = (train.folder / cache.MARKER).stat().st_mtime
+        time.sleep(max(0.0, written + cache.Liveness.SLACK_S + 0.5 - time.time()))
         assert main(["grid", "status", str(grid)]) == 1
         out = capsys.readouterr().out
         assert f"lost      {train.id}  [job {job}]" in out and f"SLURM job {job} left the queue" in out, out
         assert cache.read_marker(train.folder)["status"] == "running"     # the marker is as the job left it
     finally:
-        subprocess.run(["scancel", job])
+        subprocess.run(["scancel", job, eval_job])
