@@ -190,15 +190,20 @@ def test_single_class_and_folder_datasets_are_complete(tmp_path, capsys):
         "classes": ["parts"], "catalog_classes": ["parts"], "missing_classes": [], "subset": False}
 
 
-def test_an_empty_class_folder_is_reported(tmp_path, capsys, partial_mvtec):
-    for p in (partial_mvtec / "grid").rglob("*"):
+def test_an_empty_class_folder_is_reported(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    make_raw("mvtec-ad", raw)
+    for p in (raw / "cable").rglob("*"):  # the folders stay, the images are gone
         if p.is_file():
             p.unlink()
-    rc, _, err = convert_cli(capsys, "mvtec-ad", partial_mvtec, tmp_path / "m", "--classes", "bottle,grid")
+    rc, _, err = convert_cli(capsys, "mvtec-ad", raw, tmp_path / "m")
     line = one_error_line(err)
-    assert rc == 2 and "without images: grid" in line and "--classes bottle" in line
-    rc, _, err = convert_cli(capsys, "mvtec-ad", partial_mvtec, tmp_path / "m", "--classes", "bottle,gird")
+    assert rc == 2 and "without images: cable" in line and "--classes bottle,capsule," in line
+    rc, _, err = convert_cli(capsys, "mvtec-ad", raw, tmp_path / "m", "--classes", "bottle,cable")
+    assert rc == 2 and "without images: cable" in one_error_line(err)
+    rc, _, err = convert_cli(capsys, "mvtec-ad", raw, tmp_path / "m", "--classes", "bottle,gird")
     assert rc == 2 and "did you mean 'grid'" in one_error_line(err)
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_class_whose_images_are_all_unreadable_is_a_problem_not_silence(tmp_path, partial_mvtec):
@@ -537,3 +542,30 @@ def test_tars_listed_in_the_index_are_the_tars_written(tmp_path, capsys):
     assert not [p for p in s.iterdir() if ".tmp" in p.name]
     with tarfile.open(next(s.glob("*.tar"))) as tar:
         assert tar.getmembers()
+
+
+def test_an_interrupted_reshard_keeps_the_other_datasets_readable_and_resumes(tmp_path, capsys, monkeypatch):
+    from zsadx.data import shards as mod
+
+    s = tmp_path / "S"
+    kvasir, btad = _converted(tmp_path, capsys, "kvasir"), _converted(tmp_path, capsys, "btad")
+    write_shards(kvasir / "manifest.jsonl", s, size=32, progress=False, workers=1)
+    kv_refs = select_shards(s, "kvasir")
+    real, calls = mod._add, {"n": 0}
+
+    def dying_add(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # killed in the middle of btad's groups
+        return real(*a, **k)
+
+    monkeypatch.setattr(mod, "_add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(btad / "manifest.jsonl", s, size=32, progress=False, workers=1)
+    monkeypatch.setattr(mod, "_add", real)
+    assert select_shards(s, "kvasir") == kv_refs  # still readable while btad is unfinished
+    with pytest.raises(ShardError, match="btad/.*interrupted: .*run the same command again"):
+        select_shards(s, "btad")
+    index = write_shards(btad / "manifest.jsonl", s, size=32, progress=False, workers=1)
+    assert "pending" not in index and {g["dataset"] for g in index["groups"]} == {"kvasir", "btad"}
+    assert _listed(index) == set(_tars(s)) and not [p for p in s.iterdir() if ".tmp" in p.name]
