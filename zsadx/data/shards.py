@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 INDEX = "index.json"
 PROGRESS = "_progress"
+OWNER_KIND = "shards"
+# Temp names of older zsadx versions (they are removed like today's ``.<name>.tmp-<pid>-<id>``).
+_LEGACY_TEMP = re.compile(r"[A-Za-z0-9_+-]+-\d{5}\.tar\.tmp|index\.json\.tmp")
 
 
 class ShardError(UserError, RuntimeError):
@@ -290,10 +293,6 @@ def _close(tar: tarfile.TarFile, tmp: Path, final: Path, count: int) -> dict:
 # ------------------------------------------------------------------------------------------
 # The folder: ownership, markers, index
 # ------------------------------------------------------------------------------------------
-
-OWNER_KIND = "shards"
-_LEGACY_TEMP = re.compile(r"[A-Za-z0-9_+-]+-\d{5}\.tar\.tmp|index\.json\.tmp")
-
 
 def check_shard_folder(out: Path) -> None:
     """Refuse a folder zsadx did not write as shards (a shard folder of older zsadx is adopted)."""
