@@ -23,7 +23,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for name, spec in reg.items():
             print(f"{name:14s} {getattr(spec, 'summary', '')}")
     elif args.what == "datasets":
-        from zsadx.data.catalog import load_all
+        from zsadx.data.convert.plugins import load_all
 
         reg = load_all()
         if not len(reg):
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("ZSADX_DEBUG", "") not in ("", "0")
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # `zsadx list datasets | head`: the reader left, nothing went wrong
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # noqa: BLE001 - sorted into user errors and bugs below
         error = user_error(exc)
         if error is None or debug:

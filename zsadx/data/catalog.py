@@ -34,15 +34,3 @@ class DatasetEntry:
     # so ``classes`` is a placeholder and a conversion is never a subset of it.
     fixed_classes: bool = True
 
-
-def __getattr__(name: str):
-    """``DATASETS``, ``load_all`` and ``get_entry`` moved to :mod:`zsadx.data.convert.plugins`.
-
-    Kept here, resolved lazily, for callers outside zsadx.data (zsadx/cli.py, launch/grid.py) until
-    they import the new place; importing this module still imports nothing above it.
-    """
-    if name in ("DATASETS", "load_all", "get_entry"):
-        from zsadx.data.convert import plugins
-
-        return getattr(plugins, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
