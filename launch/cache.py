@@ -219,7 +219,8 @@ def lost_reason(marker: dict) -> str:
     return f"process {where.get('pid', '?')} on {where.get('host', '?')} is gone without a result"
 
 
-def _read_with_mtime(folder: Path) -> tuple[Optional[dict], float]:
+def read_marker_timed(folder: Path) -> tuple[Optional[dict], float]:
+    """The marker and when it was written (its mtime), for :meth:`Liveness.alive`."""
     path = Path(folder) / MARKER
     try:
         return json.loads(path.read_text()), path.stat().st_mtime
@@ -229,7 +230,7 @@ def _read_with_mtime(folder: Path) -> tuple[Optional[dict], float]:
 
 def marker_status(folder: Path, live: Optional[Liveness] = None) -> tuple[Optional[str], Optional[dict]]:
     """The marker's status, ``lost`` where the job or process behind an open one is gone."""
-    marker, written = _read_with_mtime(folder)
+    marker, written = read_marker_timed(folder)
     if marker is None:
         return None, None
     status = marker.get("status")

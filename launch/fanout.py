@@ -82,29 +82,50 @@ class Todo:
     evals: list[EvalCell]
     states: dict[str, str]                                    # every cell's state before the run
     alive: list[str] = field(default_factory=list)            # still queued or running: never twice
+    unchecked: list[str] = field(default_factory=list)        # open, but where it runs cannot be checked
     after_alive: list[str] = field(default_factory=list)      # evaluations of a training still running
     no_data: list[str] = field(default_factory=list)          # their datasets are not sharded
+    after_job: dict[str, str] = field(default_factory=dict)   # eval id -> SLURM job of its running training
+
+
+def _open_cell(cell, t: Todo, force: bool, live: cache.Liveness) -> bool:
+    """Sort a submitted/running cell: alive (left alone), or unchecked (left alone unless
+    ``force``: another host, no squeue, a marker of an older zsadx). True when it is resubmitted."""
+    marker, written = cache.read_marker_timed(cell.folder)
+    if live.alive(marker or {}, written) is None:
+        if force:
+            return True
+        t.unchecked.append(cell.id)
+    else:
+        t.alive.append(cell.id)
+    return False
 
 
 def todo(plan: Plan, force: bool = False, states: Optional[dict[str, str]] = None,
          no_data: frozenset[str] | set[str] = frozenset()) -> Todo:
     states = states if states is not None else cache.states([*plan.train, *plan.evals])
-    t = Todo([], [], states)
+    t, live = Todo([], [], states), cache.Liveness()
     for c in plan.train:
         if c.id in no_data:
             t.no_data.append(c.id)
-        elif states[c.id] in cache.OPEN:
-            t.alive.append(c.id)
+        elif states[c.id] in cache.OPEN and not _open_cell(c, t, force, live):
+            pass
         elif force or states[c.id] != "done":
             t.train.append(c)
     retrain = {c.id for c in t.train}
+    running = set(t.alive) | set(t.unchecked)
     for c in plan.evals:
         if c.id in no_data:
             t.no_data.append(c.id)
-        elif states[c.id] in cache.OPEN:
-            t.alive.append(c.id)
-        elif c.train is not None and c.train.id in t.alive:
-            t.after_alive.append(c.id)  # its checkpoint is not written yet
+        elif states[c.id] in cache.OPEN and not _open_cell(c, t, force, live):
+            pass
+        elif c.train is not None and c.train.id in running:  # its checkpoint is not written yet
+            job = (cache.read_marker(c.train.folder) or {}).get("job_id")
+            if plan.grid.cluster == "slurm" and c.train.id in t.alive and job:
+                t.after_job[c.id] = str(job)  # submitted to run after that job
+                t.evals.append(c)
+            else:
+                t.after_alive.append(c.id)
         elif force or (c.train is not None and c.train.id in retrain) or states[c.id] != "done":
             t.evals.append(c)
     return t
@@ -131,10 +152,13 @@ def run(plan: Plan, force: bool = False, wait: bool = False, log=print, wait_loc
             log(line)
         t = todo(plan, force, no_data=absent.cells)
         summary = {"train": len(t.train), "eval": len(t.evals), "jobs": [], "failed": [],
-                   "skipped": {"still running": t.alive, "training still running": t.after_alive,
-                               "no data": t.no_data}}
+                   "skipped": {"still running": t.alive, "unchecked": t.unchecked,
+                               "training still running": t.after_alive, "no data": t.no_data}}
         if t.alive:
             log(f"{len(t.alive)} cell(s) still queued or running are left alone (see `zsadx grid status`)")
+        if t.unchecked:
+            log(f"{len(t.unchecked)} cell(s) marked queued or running cannot be checked from here (run on another "
+                f"host, no squeue, or marked by an older zsadx): left alone; --force resubmits them")
         if t.after_alive:
             log(f"{len(t.after_alive)} evaluation(s) wait for their training, still running: run again after it")
         if not t.train and not t.evals:
@@ -162,13 +186,13 @@ def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
     for c in t.train:
         (job,) = _submit_array(tex, [_spec(c, None, procs, "slurm")])
         train_jobs[c.id] = job
-    by_train: dict[Optional[str], list[dict]] = {}
+    by_job: dict[Optional[str], list[dict]] = {}  # one array per training job they wait for
     for c in t.evals:
-        dep = c.train.id if c.train is not None and c.train.id in train_jobs else None
-        by_train.setdefault(dep, []).append(_spec(c, None, cluster="slurm"))
+        job = str(train_jobs[c.train.id].job_id) if c.train is not None and c.train.id in train_jobs else None
+        by_job.setdefault(job or t.after_job.get(c.id), []).append(_spec(c, None, cluster="slurm"))
     eval_jobs = []
-    for dep, specs in by_train.items():
-        ex = _executor(plan, folder, dependency=f"afterany:{train_jobs[dep].job_id}" if dep else None)
+    for job, specs in by_job.items():
+        ex = _executor(plan, folder, dependency=f"afterany:{job}" if job else None)
         eval_jobs += _submit_array(ex, specs)
     log(f"submitted {len(train_jobs)} training job(s) and {len(eval_jobs)} evaluation task(s) to SLURM "
         f"(logs under {folder})")

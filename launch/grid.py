@@ -112,7 +112,7 @@ class Pairing:
 
 
 def _domain(dataset: str) -> str:
-    from zsadx.data.catalog import load_all
+    from zsadx.data.convert.plugins import load_all
 
     return load_all().get(dataset).entry.domain
 

@@ -170,7 +170,9 @@ def test_grid_on_real_slurm_with_a_failed_cell_and_its_rerun(tmp_path):
         return proc
 
     t0 = time.time()
-    zsadx("grid", "run", str(grid_file), "--wait")
+    run = zsadx("grid", "run", str(grid_file), "--wait", check=False)
+    assert run.returncode == 1, run.stdout + run.stderr                            # a failed cell: exit 1
+    assert "5/5 cells ended: 3 done, 2 failed" in run.stdout, run.stdout
     status = zsadx("grid", "status", str(grid_file), check=False)
     assert status.returncode == 1, status.stdout
     lines = status.stdout.splitlines()

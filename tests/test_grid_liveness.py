@@ -75,6 +75,22 @@ def test_open_markers_of_dead_recycled_or_orphaned_processes(tmp_path):
         _kill(sleeper.pid)
 
 
+def test_a_cell_that_cannot_be_checked_from_here_is_left_alone_unless_forced(tmp_path, shards, capsys):
+    spec = {"name": "u", "out_dir": str(tmp_path / "out"), "shards": str(shards), "cluster": "debug",
+            "methods": [{"config": "methods/clip-tiny", "label": "clip"}], "test_sets": ["mvtec-ad"],
+            "eval_overrides": ["data.num_workers=0"]}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    (cell,) = expand(load_grid(str(grid))).evals
+    other = {"host": "not-" + socket.gethostname(), "pid": 1, "start": "1", "boot": "?"}
+    cache.write_marker(cell.folder, id=cell.id, status="running", cluster="local", where=other)
+    assert main(["grid", "run", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "1 cell(s) marked queued or running cannot be checked from here" in out and "started" not in out, out
+    assert main(["grid", "run", str(grid), "--force"]) == 0
+    assert f"[1/1] done {cell.id}" in capsys.readouterr().out
+
+
 def _train_grid(tmp_path: Path, cluster: str, shards: Path) -> Path:
     spec = {"name": "live", "out_dir": str(tmp_path / "out"), "shards": str(shards), "cluster": cluster,
             "methods": [{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny", "label": "ac",
@@ -160,6 +176,17 @@ def test_local_job_killed_ends_the_run_with_the_cell_lost_and_exit_1(tmp_path, s
     assert cache.state(train) == "lost"
 
 
+def _slurm_gone(job: str) -> bool:
+    return not subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip()
+
+
+def _past_slack(folder: Path) -> None:
+    """A marker younger than the queue snapshot (less a slack) may name a job submitted after the
+    snapshot, so it is not judged from it: wait until the marker is older than that."""
+    written = (folder / cache.MARKER).stat().st_mtime
+    time.sleep(max(0.0, written + cache.Liveness.SLACK_S + 0.5 - time.time()))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_slurm_ready() is not None, reason=str(_slurm_ready()))
 def test_slurm_cell_whose_job_was_killed_reads_lost_and_a_live_one_is_not_resubmitted(tmp_path, shards, capsys):
@@ -177,16 +204,24 @@ def test_slurm_cell_whose_job_was_killed_reads_lost_and_a_live_one_is_not_resubm
         out = capsys.readouterr().out
         assert "left alone" in out and "to SLURM" not in out, out
         assert cache.read_marker(train.folder)["job_id"] == job
+        # Its evaluation's job is cancelled while the training runs: it reads lost, and a re-run
+        # submits it again, to run after the training job still in the queue.
+        subprocess.run(["scancel", eval_job], check=True)
+        _wait_for(lambda: _slurm_gone(eval_job), f"SLURM job {eval_job} to leave the queue")
+        _past_slack(plan.evals[0].folder)
+        assert main(["grid", "run", str(grid)]) == 0
+        out = capsys.readouterr().out
+        assert "submitted 0 training job(s) and 1 evaluation task(s)" in out, out
+        eval_job = cache.read_marker(plan.evals[0].folder)["job_id"]
+        dependency = subprocess.run(["squeue", "-h", "-j", eval_job, "-o", "%E"], capture_output=True, text=True)
+        assert f"afterany:{job}" in dependency.stdout, dependency
         # SIGKILL to the job's processes (as the OOM killer or a dying node would): no chance to write a
         # marker. (scancel would SIGTERM the trainer first, and the job would record the failure itself.)
         marker = cache.read_marker(train.folder)
         for k in ("where", "trainer"):
             os.kill(marker[k]["pid"], signal.SIGKILL)
-        _wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
-                                             text=True).stdout.strip(), f"SLURM job {job} to leave the queue")
-        # A marker younger than the queue snapshot (less its slack) may name a job submitted after it.
-        written = (train.folder / cache.MARKER).stat().st_mtime
-        time.sleep(max(0.0, written + cache.Liveness.SLACK_S + 0.5 - time.time()))
+        _wait_for(lambda: _slurm_gone(job), f"SLURM job {job} to leave the queue")
+        _past_slack(train.folder)
         assert main(["grid", "status", str(grid)]) == 1
         out = capsys.readouterr().out
         assert f"lost      {train.id}  [job {job}]" in out and f"SLURM job {job} left the queue" in out, out

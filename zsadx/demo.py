@@ -81,7 +81,9 @@ def run(cfg: DemoConfig, log=print) -> dict:
     text = tables.render(table, "md")
     (out / "table.md").write_text(text)
     tables.plot(table, out / "table.png")
-    result = {"samples": index["samples"], "data_seconds": round(t_data, 2), "submitted": summary,
+    submitted = {k: summary[k] for k in ("train", "eval", "jobs")}
+    result = {"samples": index["samples"], "data_seconds": round(t_data, 2), "submitted": submitted,
+              "failed": summary["failed"],
               "table": json.loads(tables.render(table, "json")), "seconds": round(time.perf_counter() - t0, 2)}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     return {**result, "markdown": text}
@@ -113,4 +115,7 @@ def _main(args: argparse.Namespace) -> int:
     print(result["markdown"])
     print(f"(tiny random CLIP, synthetic data: the numbers show the pipeline works, not method quality; "
           f"{result['seconds']} s)\noutputs in {cfg.out_dir}: table.md, table.png, grid/")
-    return 0
+    if result["failed"]:
+        print(f"{len(result['failed'])} cell(s) did not finish (see above, or `zsadx grid status {cfg.grid} "
+              f"out_dir={cfg.out_dir}/grid shards={cfg.out_dir}/shards`)")
+    return 1 if result["failed"] else 0
