@@ -351,6 +351,10 @@ def test_a_second_train_into_a_run_folder_is_refused_without_resume(shards, fini
     # A killed run (checkpoints, no final.pt) is refused too: starting over would mix two logs.
     (out / "final.pt").unlink()
     assert "checkpoints" in error_line(train(shards, out))
+    # A finished run without checkpoints is not silently retrained by resume=latest either.
+    other = copy_run(finished, tmp_path / "other")
+    shutil.rmtree(other / "checkpoints")
+    assert "no checkpoint to resume from" in error_line(train(shards, other, "resume=latest"))
 
 
 def test_resume_of_a_finished_run_changes_nothing(shards, finished, tmp_path):

@@ -231,6 +231,9 @@ def _train(cfg: TrainConfig, acc) -> dict:
     prepare_run_folder(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     resume = ckpt.find_resume(out, cfg.resume)
+    if resume is None and cfg.resume and (out / "final.pt").is_file():
+        raise RunFolderError(f"{out}: holds a finished run (final.pt) but no checkpoint to resume from; train it "
+                             f"again with overwrite=true")
     state = ckpt.read_trainer(resume) if resume is not None else None
     if state is not None:
         check_resume_config(cfg, state["config"], resume / ckpt.TRAINER)
