@@ -5,6 +5,10 @@ optimizer state nor in checkpoints. Batches come from the shard mixture in ``glo
 run's weights do not depend on the number of processes, and a resumed run replays the data stream
 to the exact position it stopped at: killed and resumed equals uninterrupted (same seed and world
 size). SIGTERM / SIGUSR1 (SLURM pre-emption) make every rank agree to checkpoint and stop.
+
+One folder holds one run: without ``resume`` a folder holding a run is refused (``overwrite=true``
+starts over), a resume must not change what the checkpoint computed (see
+:func:`zsadx.training.checkpoint.config_differences`), and the log is cut back to the checkpoint.
 """
 from __future__ import annotations
 
