@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from zsadx.config import load_config, save_resolved
+from zsadx.files import atomic_write_json, atomic_write_text
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ def make_data(cfg: DemoConfig, out: Path) -> dict:
         make_raw(name, out / "raw" / name, seed=cfg.seed, n=cfg.images_per_group)
         convert(name, out / "raw" / name, out / "manifests" / name, progress=False)
         manifests.append((out / "manifests" / name / "manifest.jsonl").read_text())
-    (out / "manifest.jsonl").write_text("".join(manifests))
+    atomic_write_text(out / "manifest.jsonl", "".join(manifests))
     return write_shards(out / "manifest.jsonl", out / "shards", size=cfg.image_size, progress=False)
 
 
@@ -79,13 +80,13 @@ def run(cfg: DemoConfig, log=print) -> dict:
     labels = list(dict.fromkeys(c.method for c in plan.evals))  # columns in the grid's order
     table = tables.build(tables.collect(out / "grid"), METRICS, columns=labels)
     text = tables.render(table, "md")
-    (out / "table.md").write_text(text)
+    atomic_write_text(out / "table.md", text)
     tables.plot(table, out / "table.png")
     submitted = {k: summary[k] for k in ("train", "eval", "jobs")}
     result = {"samples": index["samples"], "data_seconds": round(t_data, 2), "submitted": submitted,
               "failed": summary["failed"],
               "table": json.loads(tables.render(table, "json")), "seconds": round(time.perf_counter() - t0, 2)}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_json(out / "result.json", result, indent=2)
     return {**result, "markdown": text}
 
 
