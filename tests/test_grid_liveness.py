@@ -68,9 +68,6 @@ def test_open_markers_of_dead_recycled_or_orphaned_processes(tmp_path):
         sleeper.send_signal(signal.SIGKILL)
         sleeper.wait()
         assert cache.marker_status(tmp_path)[0] == "lost"
-        # a submitted SLURM cell whose job is not in the queue, asked where squeue cannot be found
-        cache.write_marker(tmp_path, status="submitted", cluster="slurm", job_id="424242")
-        assert cache.Liveness().alive(cache.read_marker(tmp_path), written=0.0) in (None, False)
     finally:
         _kill(sleeper.pid)
 
@@ -89,6 +86,34 @@ def test_a_cell_that_cannot_be_checked_from_here_is_left_alone_unless_forced(tmp
     assert "1 cell(s) marked queued or running cannot be checked from here" in out and "started" not in out, out
     assert main(["grid", "run", str(grid), "--force"]) == 0
     assert f"[1/1] done {cell.id}" in capsys.readouterr().out
+
+
+def test_slurm_cell_asked_where_squeue_is_missing_keeps_its_status(tmp_path, monkeypatch):
+    cache.write_marker(tmp_path, status="submitted", cluster="slurm", job_id="424242")
+    old = time.time() - 60
+    os.utime(tmp_path / cache.MARKER, (old, old))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert cache.marker_status(tmp_path)[0] == "submitted"      # cannot tell: not called lost
+
+
+def test_slurm_cells_judged_from_one_squeue_listing(tmp_path, monkeypatch):
+    """Without a SLURM cluster: a stand-in squeue on PATH lists job 7 running and array task 8_1
+    pending (the real-SLURM test below covers the real one)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '7 RUNNING'\necho '8_1 PENDING'\necho '9 COMPLETED'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    old = time.time() - 60
+    expect = {"7": "running", "8_1": "running", "9": "lost", "10": "lost"}
+    for job in expect:
+        cache.write_marker(tmp_path / job, status="running", cluster="slurm", job_id=job)
+        os.utime(tmp_path / job / cache.MARKER, (old, old))
+    live = cache.Liveness()
+    assert {job: cache.marker_status(tmp_path / job, live)[0] for job in expect} == expect
+    # a marker written just now may name a job submitted after the listing: not judged from it
+    cache.write_marker(tmp_path / "11", status="submitted", cluster="slurm", job_id="11")
+    assert cache.marker_status(tmp_path / "11", live)[0] == "submitted"
 
 
 def _train_grid(tmp_path: Path, cluster: str, shards: Path) -> Path:
