@@ -118,7 +118,8 @@ def test_missing_required_key():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(Run, overrides=["model.layers=[1,2]", "backbone.name=zsadx-tiny-p16"])
+    cfg = load_config(Run, overrides=["model.layers=[1,2]", "backbone.name=zsadx-tiny-p16",
+                                          "backbone.image_size=224"])
     path = save_resolved(cfg, tmp_path / "run")
     assert path.name == "config.yaml"
     again = load_config(Run, path)

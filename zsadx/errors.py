@@ -14,6 +14,9 @@ class UserError(Exception):
 class DiskFullError(UserError, OSError):
     """No space left (or quota exceeded) while writing; the message names the path."""
 
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ..."
+        return str(self.strerror if self.strerror is not None else super().__str__())
+
 
 class LockedError(UserError):
     """Another zsadx process holds the lock of a folder; the message names the holder."""

@@ -115,11 +115,28 @@ def owner_kind(folder: str | os.PathLike) -> Optional[str]:
 # Locks
 # ------------------------------------------------------------------------------------------
 
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _drop_locks_in_forked_child() -> None:
+    # A forked child (a DataLoader worker, a pool process) shares the lock's open file: orphaned by
+    # a killed holder, it would keep the folder locked until it noticed. Closing the child's copy
+    # leaves the parent's lock in place (flock belongs to the open file, which the parent still has).
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_forked_child)
+
+
 class FolderLock:
     """An exclusive lock on ``folder`` held through ``folder/<name>``.
 
     ``wait=False``: a held lock raises :class:`LockedError` naming the holder (user, host, pid,
-    command, since when). ``wait=True``: block until the holder releases it (or dies).
+    command, since when). ``wait=True``: block until the holder releases it (or dies). The lock
+    file is opened close-on-exec and closed in forked children, so only the holder keeps it.
     """
 
     def __init__(self, folder: str | os.PathLike, what: str, name: str = ".zsadx.lock", wait: bool = False):
@@ -137,7 +154,7 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -150,10 +167,12 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())
         self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
         return self
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)

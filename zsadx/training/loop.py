@@ -194,31 +194,10 @@ def train(cfg: TrainConfig) -> dict:
     acc = make_accelerator(cfg)
     if not acc.is_main_process:
         return _train(cfg, acc)
-    with FolderLock(cfg.out_dir, "this training run", name=".zsadx-train.lock") as lock:
-        fd = getattr(lock, "_fd", None)
-        _LOCK_FDS.add(fd)
-        try:
-            return _train(cfg, acc)
-        finally:
-            _LOCK_FDS.discard(fd)
-
-
-# A forked child (a data worker) shares the lock's open file: orphaned by a killed trainer, it would
-# hold the run folder's lock until it notices, so the resume right after the kill would be refused.
-_LOCK_FDS: set = set()
-
-
-def _close_lock_in_child() -> None:
-    for fd in list(_LOCK_FDS):
-        if fd is not None:
-            try:
-                os.close(fd)  # the child's reference only: the parent keeps its lock
-            except OSError:
-                pass
-    _LOCK_FDS.clear()
-
-
-os.register_at_fork(after_in_child=_close_lock_in_child)
+    # The lock is not inherited by forked data workers (FolderLock closes it in children): a worker
+    # orphaned by a killed trainer would otherwise keep the folder locked and refuse the resume.
+    with FolderLock(cfg.out_dir, "this training run", name=".zsadx-train.lock"):
+        return _train(cfg, acc)
 
 
 def _train(cfg: TrainConfig, acc) -> dict:
