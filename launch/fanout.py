@@ -88,17 +88,22 @@ class Todo:
     after_job: dict[str, str] = field(default_factory=dict)   # eval id -> SLURM job of its running training
 
 
-def _open_cell(cell, t: Todo, force: bool, live: cache.Liveness) -> bool:
-    """Sort a submitted/running cell: alive (left alone), or unchecked (left alone unless
-    ``force``: another host, no squeue, a marker of an older zsadx). True when it is resubmitted."""
+def _left_alone(cell, t: Todo, force: bool, live: cache.Liveness, no_data) -> bool:
+    """True (and recorded in ``t``) for a cell this run must not submit: its data is absent, or it
+    is submitted/running and alive, or where it runs cannot be checked (another host, no squeue,
+    a marker of an older zsadx; ``force`` resubmits those)."""
+    if cell.id in no_data:
+        t.no_data.append(cell.id)
+        return True
+    if t.states[cell.id] not in cache.OPEN:
+        return False
     marker, written = cache.read_marker_timed(cell.folder)
-    if live.alive(marker or {}, written) is None:
-        if force:
-            return True
-        t.unchecked.append(cell.id)
-    else:
+    if live.alive(marker or {}, written) is not None:
         t.alive.append(cell.id)
-    return False
+        return True
+    if not force:
+        t.unchecked.append(cell.id)
+    return not force
 
 
 def todo(plan: Plan, force: bool = False, states: Optional[dict[str, str]] = None,
@@ -106,20 +111,14 @@ def todo(plan: Plan, force: bool = False, states: Optional[dict[str, str]] = Non
     states = states if states is not None else cache.states([*plan.train, *plan.evals])
     t, live = Todo([], [], states), cache.Liveness()
     for c in plan.train:
-        if c.id in no_data:
-            t.no_data.append(c.id)
-        elif states[c.id] in cache.OPEN and not _open_cell(c, t, force, live):
-            pass
-        elif force or states[c.id] != "done":
+        if not _left_alone(c, t, force, live, no_data) and (force or states[c.id] != "done"):
             t.train.append(c)
     retrain = {c.id for c in t.train}
     running = set(t.alive) | set(t.unchecked)
     for c in plan.evals:
-        if c.id in no_data:
-            t.no_data.append(c.id)
-        elif states[c.id] in cache.OPEN and not _open_cell(c, t, force, live):
-            pass
-        elif c.train is not None and c.train.id in running:  # its checkpoint is not written yet
+        if _left_alone(c, t, force, live, no_data):
+            continue
+        if c.train is not None and c.train.id in running:  # its checkpoint is not written yet
             job = (cache.read_marker(c.train.folder) or {}).get("job_id")
             if plan.grid.cluster == "slurm" and c.train.id in t.alive and job:
                 t.after_job[c.id] = str(job)  # submitted to run after that job
