@@ -63,16 +63,25 @@ def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str]
     return ex
 
 
-def _spec(cell, key: Optional[str], processes: int = 1, cluster: str = "debug") -> dict:
+def _spec(cell, key: Optional[str], processes: int = 1, cluster: str = "debug", fresh: bool = False) -> dict:
     spec = {"id": cell.id, "folder": str(cell.folder), "config": cell.config, "key": key, "method": cell.method,
             "train_set": cell.train_set, "seed": cell.seed, "cluster": cluster,
             "token": uuid.uuid4().hex}  # this submission, in the markers its job writes
     if isinstance(cell, TrainCell):
-        spec.update(kind="train", processes=processes)
+        spec.update(kind="train", processes=processes, fresh=fresh)
     else:
         spec.update(kind="eval", dataset=cell.dataset, shots=cell.shots,
                     train_folder=str(cell.train.folder) if cell.train else None)
     return spec
+
+
+def _trained_under_another_key(cell: TrainCell) -> bool:
+    """Whether a training cell's run folder was trained under another key (its config or the code
+    changed since): such a run starts over instead of resuming. A run whose key is unknown resumes,
+    and the trainer refuses a resume whose config differs from the checkpoint's."""
+    m = cache.read_marker(cell.folder) or {}
+    made_with = m.get("run_key") or (m.get("key") if m.get("status") == "done" else None)
+    return made_with is not None and made_with != cache.train_key(cell)
 
 
 @dataclass
@@ -86,6 +95,7 @@ class Todo:
     after_alive: list[str] = field(default_factory=list)      # evaluations of a training still running
     no_data: list[str] = field(default_factory=list)          # their datasets are not sharded
     after_job: dict[str, str] = field(default_factory=dict)   # eval id -> SLURM job of its running training
+    fresh: set[str] = field(default_factory=set)              # training cells that start their run over
 
 
 def _left_alone(cell, t: Todo, force: bool, live: cache.Liveness, no_data) -> bool:
@@ -113,6 +123,8 @@ def todo(plan: Plan, force: bool = False, states: Optional[dict[str, str]] = Non
     for c in plan.train:
         if not _left_alone(c, t, force, live, no_data) and (force or states[c.id] != "done"):
             t.train.append(c)
+            if force or _trained_under_another_key(c):
+                t.fresh.add(c.id)
     retrain = {c.id for c in t.train}
     running = set(t.alive) | set(t.unchecked)
     for c in plan.evals:
@@ -183,7 +195,7 @@ def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
     tex = _executor(plan, folder, g.slurm.gpus_per_node, nodes=g.slurm.nodes)
     train_jobs = {}
     for c in t.train:
-        (job,) = _submit_array(tex, [_spec(c, None, procs, "slurm")])
+        (job,) = _submit_array(tex, [_spec(c, None, procs, "slurm", c.id in t.fresh)])
         train_jobs[c.id] = job
     by_job: dict[Optional[str], list[dict]] = {}  # one array per training job they wait for
     for c in t.evals:
@@ -200,7 +212,7 @@ def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
 
 def _run_debug(t: Todo, progress: "Progress") -> None:
     """In this process, in order; failures stay in the markers (and are reported at the end)."""
-    for spec in [_spec(c, None, 1) for c in t.train]:
+    for spec in [_spec(c, None, 1, fresh=c.id in t.fresh) for c in t.train]:
         _run_here(spec, progress)
     for spec in [_spec(c, None) for c in _after_training(t.evals, progress)]:
         _run_here(spec, progress)
@@ -218,7 +230,7 @@ def _run_here(spec: dict, progress: "Progress") -> None:
 def _run_local(plan: Plan, t: Todo, folder: Path, progress: "Progress") -> list[str]:
     """Stage after stage, in this call; the machine's cores are split between the jobs."""
     cores = os.cpu_count() or 1
-    tspecs = [{**_spec(c, None, 1, "local"), "threads": max(1, cores // max(1, len(t.train)))} for c in t.train]
+    tspecs = [{**_spec(c, None, 1, "local", c.id in t.fresh), "threads": max(1, cores // max(1, len(t.train)))} for c in t.train]
     jobs = _submit_array(_executor(plan, folder), tspecs)
     watch([c.folder for c in t.train], progress)
     _reap(jobs)

@@ -113,8 +113,14 @@ class CellJob:
         spec = self.spec
         cfg_file = folder / "train.yaml"
         folder.mkdir(parents=True, exist_ok=True)  # other nodes may start before rank 0 wrote its marker
+        cell = TrainCell(spec["method"], spec["train_set"], spec["seed"], spec["config"], folder)
+        config = dict(spec["config"])
+        # A run trained under another key (or forced) starts over; a requeued job (SLURM counts its
+        # restarts, the same on every node) resumes what its first start began.
+        if spec.get("fresh") and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
+            config.update(resume=None, overwrite=True)
         # Every node of a multi-node cell writes it: atomically, so no launcher reads half a file.
-        atomic_write_text(cfg_file, yaml.safe_dump(spec["config"], sort_keys=False))
+        atomic_write_text(cfg_file, yaml.safe_dump(config, sort_keys=False))
         cmd = trainer_command(int(spec.get("processes", 1)), ["-m", "zsadx.train", "--config", str(cfg_file)])
         rank = _task_rank()
         log = folder / ("train.log" if rank == 0 else f"train.node{rank}.log")
@@ -124,7 +130,8 @@ class CellJob:
         with open(log, "a") as f:
             self._child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             if rank == 0:  # an orphaned trainer (its job killed) keeps the cell alive: no second one
-                cache.write_marker(folder, trainer=cache.process_identity(self._child.pid), log_file=str(log))
+                cache.write_marker(folder, trainer=cache.process_identity(self._child.pid), log_file=str(log),
+                                   run_key=cache.train_key(cell))  # what run/ is being trained under
             rc = self._child.wait()
         self._child = None
         if rc in PREEMPTED:
@@ -136,7 +143,6 @@ class CellJob:
             exc = RuntimeError(f"training exited with {rc}; log: {log}")
             exc.log_tail = log.read_text()[-20000:]
             raise exc
-        cell = TrainCell(spec["method"], spec["train_set"], spec["seed"], spec["config"], folder)
         return {"key": cache.train_key(cell), "checkpoint": spec["config"]["out_dir"] + "/final.pt", "log_file": str(log)}
 
     # -- eval -------------------------------------------------------------------------------

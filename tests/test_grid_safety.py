@@ -184,3 +184,28 @@ def test_demo_with_a_wrong_method_key_fails_in_one_line_before_making_data(tmp_p
     err = capsys.readouterr().err
     assert "image_sise" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "demo" / "shards").exists()
+
+
+# ---- a training cell whose config changed starts its run over ----------------------------------
+
+def test_a_training_cell_whose_config_changed_retrains_instead_of_failing_its_resume(tmp_path, shards, capsys):
+    """The run folder of a training cell was trained at lr 1e-3; the grid now says 2e-3. Resuming
+    would be refused (the trainer compares configs), reusing it would be wrong: the cell starts over."""
+    def grid(lr: str) -> Path:
+        return write_grid(tmp_path / "grid.yaml", out_dir=str(tmp_path / "out"), shards=str(shards),
+                          methods=[{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny",
+                                    "label": "ac", "train_overrides": ["max_steps=2", "data.batch_size=2",
+                                                                       f"optim.lr={lr}"]}],
+                          train_sets=[{"name": "visa", "sources": [{"dataset": "visa"}]}], test_sets=["bmad-brain"])
+
+    assert main(["grid", "run", str(grid("1.0e-3")), "--wait"]) == 0
+    run = tmp_path / "out" / "train" / "ac" / "visa" / "seed0" / "run"
+    first = (run / "final.pt").read_bytes()
+    assert main(["grid", "run", str(grid("2.0e-3")), "--wait"]) == 0, capsys.readouterr()
+    assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 2.0e-3  # the config that ran
+    assert (run / "final.pt").read_bytes() != first
+    steps = [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 2    # one run's log, not two mixed
+    capsys.readouterr()
+    assert main(["grid", "run", str(grid("2.0e-3")), "--wait", "--force"]) == 0  # forced: trained again
+    assert "done train/ac/visa/seed0" in capsys.readouterr().out
