@@ -102,6 +102,7 @@ def _table(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from zsadx.eval import tables
+    from zsadx.files import atomic_write_text
 
     root = Path(args.path)
     if not root.is_dir():  # a grid config: its output folder
@@ -115,7 +116,7 @@ def _table(args: argparse.Namespace) -> int:
     table = tables.build(records, [m.strip() for m in args.metrics.split(",") if m.strip()], args.columns)
     text = tables.render(table, args.format)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     else:
         print(text)
     if args.plot:

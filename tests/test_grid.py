@@ -235,8 +235,9 @@ def test_sbatch_templates_on_real_slurm(tmp_path):
                    "methods/anomalyclip-tiny", str(tmp_path / "run" / "final.pt"), str(shards), str(tmp_path / "eval"),
                    "data.num_workers=0")
     _wait_for_slurm_job(evals)
-    assert sorted(p.name for p in (tmp_path / "eval").glob("*.json")) == [
-        "anomalyclip-final-mvtec-ad.json", "anomalyclip-final-visa.json"]
+    names = sorted(p.name for p in (tmp_path / "eval").glob("*.json"))
+    assert len(names) == 2 and all(n.startswith("anomalyclip-final-0shot-seed0-") for n in names), names
+    assert {n.endswith("-mvtec-ad.json") for n in names} == {True, False} and any(n.endswith("-visa.json") for n in names)
 
 
 @pytest.mark.slow

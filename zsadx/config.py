@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence, TypeVar
 import yaml
 
 from zsadx.errors import UserError
+from zsadx.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -297,10 +298,4 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def save_resolved(cfg: Any, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the fully resolved config next to a run's outputs (atomically)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / name
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(Path(folder) / name, yaml.safe_dump(to_dict(cfg), sort_keys=False))

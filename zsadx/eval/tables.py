@@ -257,7 +257,9 @@ def plot(table: Table, path: str | Path, metric_index: int = 0) -> Path:
     for j, c in enumerate(table.columns):
         d.rectangle([width - 170, top + 18 * j, width - 160, top + 18 * j + 10], fill=colours[j % len(colours)])
         d.text((width - 155, top + 18 * j - 2), c[:24], fill="black")
+    from zsadx.files import atomic_target
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    with atomic_target(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

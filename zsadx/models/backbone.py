@@ -18,6 +18,7 @@ tokens (visual prompts) are cut off, so hooks must append, never insert before t
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -73,7 +74,12 @@ class BackboneConfig:
 def patch_size_of(name: str) -> Optional[int]:
     """The vision patch size of an open_clip model config (zsadx's own or open_clip's), without
     building the model; None when it cannot be known before loading (``auto``, hub models, timm towers)."""
-    own = config_root() / "clip_models" / f"{name}.json"
+    return _patch_size(str(config_root()), name)
+
+
+@functools.lru_cache(maxsize=None)  # a grid validates hundreds of cell configs of a few backbones
+def _patch_size(root: str, name: str) -> Optional[int]:
+    own = Path(root) / "clip_models" / f"{name}.json"
     if own.is_file():
         cfg = json.loads(own.read_text())
     elif name == "auto" or name.startswith(("hf-hub:", "local-dir:")):
