@@ -29,6 +29,23 @@ class MethodConfig:
     eval_size: Optional[int] = None
     # Normal reference images per class from the train split (few-shot); 0 = zero-shot.
     shots: int = 0
+    # Reproduce the official code's numbers: every key of ``PAPER_COMPAT`` still at its default
+    # takes the official value (each quirk stays its own key, so one can be set alone).
+    paper_compat: bool = False
+
+    # key -> the official code's value, per method config class (see each method's docstring).
+    PAPER_COMPAT: ClassVar[dict[str, Any]] = {}
+
+    def apply_paper_compat(self) -> None:
+        """With ``paper_compat``, set each quirk left at its default to the official value."""
+        if not self.paper_compat:
+            return
+        defaults = {f.name: f for f in dataclasses.fields(self)}
+        for key, official in self.PAPER_COMPAT.items():
+            f = defaults[key]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if getattr(self, key) == default:
+                setattr(self, key, official)
 
     def validate(self) -> None:
         # Values the dataclass types accept but that would fail (or silently mean nothing) later.
@@ -131,7 +148,9 @@ def method_config_type(data: dict, key: str) -> type:
 def build_method(cfg: MethodConfig, backbone: Optional[ClipBackbone] = None) -> Method:
     from zsadx.models.methods import load_all
 
-    return load_all().get(cfg.name)(cfg, backbone)
+    cls = load_all().get(cfg.name)
+    cfg.apply_paper_compat()
+    return cls(cfg, backbone)
 
 
 def method_field() -> Any:
