@@ -141,3 +141,58 @@ class TextFeatureCache:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+# -- class names that enter prompts ---------------------------------------------------------
+# How a catalogued class name (the dataset's folder / record name) becomes a word of the prompt
+# when no table lists it. Each method names the rule of its official code.
+CLASS_NAME_RULES = {
+    "raw": lambda c: c,                                            # anomalib's WinCLIP: the category as is
+    "spaces": lambda c: c.replace("_", " "),                       # FADE, AnomalyCLIP's 'object'
+    "dashes": lambda c: c.replace("-", " "),                       # AdaCLIP (method/adaclip.py encode_text)
+    "spaces_and_dashes": lambda c: c.replace("_", " ").replace("-", " "),
+}
+
+
+class ClassNameTable:
+    """(dataset, class) -> the phrase a method puts into its prompts.
+
+    The table file (YAML, ``configs/prompts/<method>_class_names.yaml``) maps a zsadx dataset name
+    to ``{class: phrase}``; ``'*'`` stands for every class of that dataset. A listed phrase is used
+    verbatim; any other class goes through ``rule`` (a key of :data:`CLASS_NAME_RULES`). ``key`` is
+    the config key that named the file, for error messages.
+    """
+
+    def __init__(self, path, rule: str, key: str = "class_names"):
+        if rule not in CLASS_NAME_RULES:
+            from zsadx.config import ConfigError
+            raise ConfigError(f"unknown class-name rule '{rule}'; use one of {', '.join(CLASS_NAME_RULES)}")
+        self.rule = CLASS_NAME_RULES[rule]
+        self.table = read_class_name_table(path, key) if path else {}
+
+    def __call__(self, dataset, cls: str) -> str:
+        entry = self.table.get(dataset, {})
+        return entry.get(cls) or entry.get("*") or self.rule(cls)
+
+
+def read_class_name_table(path, key: str) -> dict[str, dict[str, str]]:
+    """Load and check a class-name table: every key and phrase a non-empty string."""
+    from zsadx.config import ConfigError, load_yaml, resolve_config_path
+
+    try:
+        file = resolve_config_path(path)
+    except ConfigError as exc:
+        raise ConfigError(f"method.{key}: {exc}") from exc
+    data = load_yaml(file)
+    for dataset, entry in data.items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{file} (method.{key}): '{dataset}' must map class names to phrases, "
+                              f"got {type(entry).__name__}")
+        for cls, phrase in entry.items():
+            if not isinstance(cls, str):
+                # YAML reads 01 as the number 1: BTAD's classes must be quoted.
+                raise ConfigError(f"{file} (method.{key}): class {cls!r} of '{dataset}' is not a string; "
+                                  f"quote it ('{cls}')")
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise ConfigError(f"{file} (method.{key}): '{dataset}: {cls}' needs a non-empty phrase")
+    return {str(d): e for d, e in data.items()}

@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsadx.config import ConfigError, load_yaml
+from zsadx.config import ConfigError
 from zsadx.models.adapters import AdapterBlend, ConvLoRA, LowRankAdapter
 from zsadx.models.backbone import VisionHook
 from zsadx.models.losses import cross_entropy, segmentation_loss
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
-from zsadx.models.prompts import PROMPT_SETS
+from zsadx.models.prompts import PROMPT_SETS, ClassNameTable
 from zsadx.models.scoring import gaussian_blur_kernel, patches_to_maps
 
 
@@ -81,17 +81,6 @@ def level_blocks(n_layers: int, n_groups: int, what: str) -> list[int]:
         raise ConfigError(f"'n_groups' {n_groups} must divide the {what} tower's {n_layers} blocks")
     step = n_layers // n_groups
     return [step * (g + 1) for g in range(n_groups)]
-
-
-class ClassNames:
-    """(dataset, class) -> the phrase put into the prompts."""
-
-    def __init__(self, path: Optional[str]):
-        self.table = load_yaml(path) if path else {}
-
-    def __call__(self, dataset: str, cls: str) -> str:
-        entry = self.table.get(dataset, {})
-        return entry.get(cls) or entry.get("*") or cls.replace("_", " ").replace("-", " ")
 
 
 class Head(nn.Sequential):
@@ -154,7 +143,8 @@ class ACDCLIP(Method):
         if cfg.prompts not in PROMPT_SETS:
             raise ConfigError(f"'prompts': unknown prompt set '{cfg.prompts}' (known: {', '.join(PROMPT_SETS)})")
         self.prompt_set = PROMPT_SETS[cfg.prompts]
-        self.class_names = ClassNames(cfg.class_names)
+        # (dataset, class) -> description (official REAL_NAMES); unlisted: the name, "_"/"-" as spaces.
+        self.class_names = ClassNameTable(cfg.class_names, "spaces_and_dashes")
         # Image side (one optimizer group)
         self.image_adapters = nn.ModuleList([
             ConvLoRA(w, cfg.lora_rank, cfg.lora_alpha, cfg.conv_kernels, cfg.conv_rank, cfg.conv_alpha, cfg.lora_b_init)
