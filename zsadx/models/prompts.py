@@ -196,3 +196,11 @@ def read_class_name_table(path, key: str) -> dict[str, dict[str, str]]:
             if not isinstance(phrase, str) or not phrase.strip():
                 raise ConfigError(f"{file} (method.{key}): '{dataset}: {cls}' needs a non-empty phrase")
     return {str(d): e for d, e in data.items()}
+
+
+def batch_phrases(names: ClassNameTable, batch) -> list[str]:
+    """Each image's class phrase: its record's dataset and class (``batch['dataset']`` may be absent,
+    e.g. ``zsadx predict`` on one file: then only the rule applies)."""
+    classes = batch["cls"]
+    datasets = batch.get("dataset") or [None] * len(classes)
+    return [names(d, c) for d, c in zip(datasets, classes)]

@@ -26,7 +26,7 @@ Training recipes do not pick the best epoch on the test dataset as the official 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from zsadx.models.losses import focal_loss, segmentation_loss
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
 from zsadx.models.prompt_learning import DeepTextPrompts, DeepVisualPrompts, DynamicPromptGenerator
-from zsadx.models.prompts import PROMPT_SETS
+from zsadx.models.prompts import PROMPT_SETS, ClassNameTable, batch_phrases
 from zsadx.models.scoring import hybrid_semantic_fusion, patches_to_maps
 
 
@@ -58,11 +58,8 @@ class AdaCLIPConfig(MethodConfig):
     sigma: float = 4.0
     align_corners: bool = True
     paper_compat: bool = False
-
-
-def class_phrase(cls_name: str) -> str:
-    """As official: only '-' becomes a space (underscores and codes stay)."""
-    return cls_name.replace("-", " ")
+    # (dataset, class) -> the name in the prompts; default: each official dataset's own class name.
+    class_names: Optional[str] = "prompts/adaclip_class_names.yaml"
 
 
 class HybridTextPrompts(nn.Module):
@@ -79,8 +76,8 @@ class HybridTextPrompts(nn.Module):
 
     def _class_ids(self, backbone, cls_name: str) -> tuple[torch.Tensor, int]:
         if cls_name not in self._ids:
-            normal = self.prompt_set.sentences(class_phrase(cls_name), False)
-            abnormal = self.prompt_set.sentences(class_phrase(cls_name), True)
+            normal = self.prompt_set.sentences(cls_name, False)
+            abnormal = self.prompt_set.sentences(cls_name, True)
             self._ids[cls_name] = (backbone.tokenize(list(normal) + list(abnormal)), len(normal))
         return self._ids[cls_name]
 
@@ -114,6 +111,8 @@ class AdaCLIP(Method):
         self.text = HybridTextPrompts(bb, cfg.prompts, cfg.prompt_length, cfg.prompt_depth, cfg.init_std)
         self.patch_proj = nn.ModuleList([nn.Linear(bb.width, bb.embed_dim) for _ in self.layers])
         self.cls_proj = nn.Linear(bb.embed_dim, bb.embed_dim)
+        # As official: a class not in the table keeps '_' and codes, only '-' becomes a space.
+        self.class_names = ClassNameTable(cfg.class_names, "dashes")
 
     def _run(self, images: torch.Tensor, classes: Sequence[str]) -> dict:
         cfg, bb = self.cfg, self.backbone
@@ -136,7 +135,7 @@ class AdaCLIP(Method):
     def loss(self, batch) -> dict[str, torch.Tensor]:
         images = batch["image"]
         masks, labels = batch["mask"].to(images.device), batch["label"].to(images.device)
-        r = self._run(images, batch["cls"])
+        r = self._run(images, batch_phrases(self.class_names, batch))
         img = focal_loss(r["image_probs"], labels)
         size, ac = masks.shape[-2:], self.cfg.align_corners
         seg = sum(segmentation_loss(patches_to_maps(l, r["grid"], size, ac).softmax(1), masks,
@@ -146,7 +145,7 @@ class AdaCLIP(Method):
     @torch.inference_mode()
     def predict(self, batch) -> Prediction:
         images = batch["image"]
-        r = self._run(images, batch["cls"])
+        r = self._run(images, batch_phrases(self.class_names, batch))
         # Bilinear upsampling is linear: the mean of upsampled logits is the upsampled mean.
         mean = torch.stack(r["logits"]).mean(0)
         maps = patches_to_maps(mean, r["grid"], images.shape[-2:], self.cfg.align_corners).softmax(1)[:, 1]
