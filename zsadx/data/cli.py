@@ -17,6 +17,11 @@ def add_parser(sub) -> None:
     c.add_argument("--variant", default=None, help="split variant where the repos disagree")
     c.add_argument("--classes", default=None, type=_class_list,
                    help="comma-separated classes to convert (a partial download), e.g. bottle,grid")
+    c.add_argument("--mask-threshold", type=int, default=None, metavar="GREY",
+                   help="a mask pixel is anomalous above this grey level 0..254 (default: the dataset's; "
+                        "127 for TN3K's JPEG masks, else 0); recorded in the records and the summary")
+    c.add_argument("--paper-compat", action="store_true",
+                   help="the official loaders' data rules where no option says otherwise (masks cut at > 0)")
     c.add_argument("--workers", type=int, default=4)
     c.set_defaults(func=_convert)
 
@@ -46,7 +51,8 @@ def _class_list(text: str) -> list[str]:
 def _convert(args: argparse.Namespace) -> int:
     from zsadx.data.convert import convert, format_summary
 
-    summary = convert(args.dataset, args.root, args.out, args.variant, workers=args.workers, classes=args.classes)
+    summary = convert(args.dataset, args.root, args.out, args.variant, workers=args.workers, classes=args.classes,
+                      mask_threshold=args.mask_threshold, paper_compat=args.paper_compat)
     print(format_summary(summary))
     print(f"manifest: {args.out}/manifest.jsonl")
     return 0

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Union
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
@@ -20,8 +20,8 @@ class Record:
     ``key`` is unique within the dataset and stable across machines (it is built from the path in
     the raw download), so shards, results and few-shot reference lists can name images by it.
     ``label`` is 1 for anomalous. ``mask`` is None for normal images and for datasets without pixel
-    ground truth; a mask is anomalous wherever its value is non-zero (``mask_threshold`` says where
-    that cut lies for lossy masks).
+    ground truth; a mask pixel is anomalous where its grey value is above ``mask_threshold`` (0 unless
+    the dataset or ``zsadx data convert --mask-threshold`` says otherwise, e.g. 127 for TN3K's JPEG masks).
     """
 
     key: str
@@ -42,6 +42,13 @@ class Record:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def mask_threshold_of(records: Iterable[Record]) -> Optional[Union[int, list]]:
+    """The threshold the masks of ``records`` are cut at: one value, a sorted list if several, None
+    without masks. Shard markers and the index carry it, so a changed threshold rewrites a group."""
+    values = sorted({r.mask_threshold for r in records if r.mask})
+    return None if not values else values[0] if len(values) == 1 else values
 
 
 def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -8,8 +8,9 @@ On-disk format (``FORMAT_VERSION``):
   the original size), for anomalous images with masks ``{key}.mask.png`` (the binary mask resized
   bilinearly: 8-bit coverage, from which "bilinear then > 0.5" is exact) and ``{key}.maskn.png``
   (resized with nearest neighbour), and ``{key}.json`` (the manifest record's metadata);
-* ``index.json``: shards, sample counts per class and split, sizes, format version, and per dataset
-  which classes the folder holds (``datasets``: classes, catalog_classes, missing_classes, subset).
+* ``index.json``: shards, sample counts per class and split, the grey level the group's masks were cut
+  at (``mask_threshold``, None without masks), sizes, format version, and per dataset which classes
+  the folder holds (``datasets``: classes, catalog_classes, missing_classes, subset).
 
 One folder holds every dataset (grids need that), so a run MERGES into it: the (dataset, class)
 pairs of the manifest replace exactly their groups and tars; every other group stays byte for byte.
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from zsadx.data.records import Record, read_manifest
+from zsadx.data.records import Record, mask_threshold_of, read_manifest
 from zsadx.data.transforms import ImageError, load_image, nearest_mask, resize_image, soft_mask, to_rgb8
 from zsadx.errors import UserError
 from zsadx.files import (FolderLock, atomic_write_json, atomic_write_text, is_temp_name, mark_owned, owner_kind,
@@ -228,7 +229,10 @@ def _check_same_identity(groups: dict[str, list[Record]], existing: dict[str, di
 
 
 def _up_to_date(marker: Optional[dict], settings: dict, recs: Sequence[Record]) -> bool:
-    return bool(marker) and marker.get("settings") == settings and marker.get("keys") == [r.key for r in recs]
+    # The threshold decides the mask bytes: a re-conversion that changes only it rewrites the group
+    # (markers of older versions lack it: their mask groups are rewritten once).
+    return (bool(marker) and marker.get("settings") == settings and marker.get("keys") == [r.key for r in recs]
+            and marker.get("mask_threshold") == mask_threshold_of(recs))
 
 
 def _describe(settings: dict) -> str:
@@ -278,8 +282,8 @@ def write_group(out: Path, g: str, recs: list[Record], opts: EncodeOptions, sett
         raise
     counts = {"normal": sum(1 for r in recs if not r.label), "anomalous": sum(1 for r in recs if r.label),
               "masks": sum(1 for r in recs if r.mask)}
-    marker = {**_marker_head(recs), "shards": shards, "counts": counts, "settings": settings,
-              "keys": [r.key for r in recs]}
+    marker = {**_marker_head(recs), "shards": shards, "counts": counts, "mask_threshold": mask_threshold_of(recs),
+              "settings": settings, "keys": [r.key for r in recs]}
     atomic_write_json(out / PROGRESS / f"{g}.json", marker)
     return marker
 

@@ -8,7 +8,6 @@ the registry of plug-ins sits above both (:mod:`zsadx.data.convert.plugins`).
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,11 @@ from zsadx.errors import UserError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# The official loaders (AnomalyCLIP ``dataset.py``, AdaCLIP ``dataset/base_dataset.py``) binarise
+# every mask as ``np.array(Image.open(mask).convert('L')) > 0``, JPEG masks (TN3K) included.
+OFFICIAL_MASK_THRESHOLD = 0
 
 
 class LayoutError(UserError, FileNotFoundError):
@@ -147,11 +151,30 @@ def strip_suffix(suffix: str) -> Callable[[Path], str]:
     return stem
 
 
-def seeded_split(items: Sequence, test_fraction: float, seed: int = 42) -> tuple[list, list]:
-    """Deterministic (train, test) split of sorted items, as the DRA-style scripts make them."""
-    items = sorted(items, key=str)
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_test = int(round(len(items) * test_fraction))
-    test = set(order[:n_test])
-    return ([x for i, x in enumerate(items) if i not in test], [x for i, x in enumerate(items) if i in test])
+def reference_split(items: Sequence, *, test_size: float | None = None, train_size: float | None = None,
+                    seed: int = 42) -> tuple[list, list]:
+    """(train, test) of ``items`` as scikit-learn's ``train_test_split(..., random_state=seed)`` makes them.
+
+    The reference scripts (DRA's ``data/convert_*.py``, AdaCLIP's ``sdd-pre.py``, anomalib's
+    KolektorSDD) all split with it, so zsadx calls it too rather than re-deriving its rounding (the
+    test part is ``ceil(test_size * n)``; with ``train_size`` the train part is ``floor(train_size * n)``)
+    and its permutation. The split depends on the ORDER of ``items``: callers build the list in the
+    reference script's order. Fewer than two items cannot be split (sklearn refuses): all go to test.
+    """
+    from sklearn.model_selection import train_test_split
+
+    items = list(items)
+    if len(items) < 2:
+        return [], items
+    train_idx, test_idx = train_test_split(list(range(len(items))), test_size=test_size, train_size=train_size,
+                                           random_state=seed)
+    return [items[i] for i in train_idx], [items[i] for i in test_idx]
+
+
+def split_normals(normals: Sequence[Candidate], **split_args) -> None:
+    """Set ``split`` of each normal candidate by :func:`reference_split` over the list in its given order."""
+    train, test = reference_split(range(len(normals)), **split_args)
+    for i in train:
+        normals[i].split = "train"
+    for i in test:
+        normals[i].split = "test"

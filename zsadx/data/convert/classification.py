@@ -2,7 +2,11 @@
 
 BrainMRI (Kaggle), Br35H, COVID-19 Radiography, LAG (folders); HeadCT, ELPV (CSV). Two split
 variants, because the repos disagree: ``all-test`` (every image is a test image, as AnomalyCLIP and
-AdaCLIP use them) and ``dra`` (normals split 75/25 train/test with seed 42, as DRA's scripts do).
+AdaCLIP use them) and ``dra`` (DRA's ``data/convert_*.py``: the test normals are those of scikit-learn's
+``train_test_split(test_size=0.25, random_state=42)`` over the normals in the script's order: the
+file names of the normal folder (BrainMRI: ``os.listdir``, which zsadx takes in name order) or the
+rows of ``labels.csv`` (HeadCT, ELPV)). Br35H, COVID-19 and LAG have no DRA script: their ``dra``
+variant applies the BrainMRI rule, a zsadx choice no reference code makes.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import numpy as np
 
 from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
-from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, seeded_split
+from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, reference_split
 
 # This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
 PLUGINS: list[DatasetPlugin] = []
@@ -22,11 +26,15 @@ SPLIT_VARIANTS = ("all-test", "dra")
 
 
 def assign_splits(items: list[tuple[Path, int, str]], cls: str, variant: str) -> list[Candidate]:
-    """(image, label, specie) -> candidates with the variant's split rule applied."""
+    """(image, label, specie) -> candidates with the variant's split rule applied.
+
+    ``items`` come in the reference script's order (folder listing or CSV rows): the ``dra`` split
+    depends on it.
+    """
     normals = [i for i in items if i[1] == 0]
     test_normals = set(normals)
     if variant == "dra":
-        train, test = seeded_split(normals, 0.25)
+        _, test = reference_split(normals, test_size=0.25)
         test_normals = set(test)
     return [Candidate(image=p, label=lab, cls=cls, specie=sp,
                       split="test" if (lab or (p, lab, sp) in test_normals) else "train")
@@ -76,7 +84,8 @@ PLUGINS.append(LabelledFolders(DatasetEntry(
     source="https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
     licence="see Kaggle page",
     notes="98 normal / 155 tumour. Not BMAD's Brain set (that one is `bmad-brain`, with masks). "
-          "Variant dra puts 75% of the normals into train.",
+          "Variant dra (DRA data/convert_BrainMRI.py, verified against it): sklearn train_test_split("
+          "test_size=0.25, random_state=42) over no/ in name order puts 75% of the normals into train.",
     prompt_names={"brain": "brain MRI scan"}),
     folders={"no": 0, "yes": 1}, subdir="brain_tumor_dataset", synth_ext=(".jpg", ".JPG", ".png")))
 
@@ -85,7 +94,8 @@ PLUGINS.append(LabelledFolders(DatasetEntry(
     aliases=("br35",), variants=SPLIT_VARIANTS, default_variant="all-test",
     layout="  <root>/yes/*.jpg   (tumour)\n  <root>/no/*.jpg    (normal)\n  (pred/ holds unlabelled images; ignored)",
     source="https://www.kaggle.com/datasets/ahmedhamada0/brain-tumor-detection", licence="see Kaggle page",
-    notes="1500 normal / 1500 tumour."),
+    notes="1500 normal / 1500 tumour. Variant dra: no reference script; DRA's BrainMRI rule (sklearn, "
+          "test_size=0.25, random_state=42, no/ in name order) applied by zsadx."),
     folders={"no": 0, "yes": 1}, ignored=("pred",)))
 
 PLUGINS.append(LabelledFolders(DatasetEntry(
@@ -96,7 +106,8 @@ PLUGINS.append(LabelledFolders(DatasetEntry(
            "  (Lung_Opacity, Viral Pneumonia and the lung masks/ folders are not used)",
     source="https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database", licence="see Kaggle page",
     notes="Shipped masks are lung masks, not lesion masks: image-level only. AnomalyCLIP used a reorganised "
-          "copy; this reads the Kaggle release (Normal vs COVID)."),
+          "copy; this reads the Kaggle release (Normal vs COVID). Variant dra: no reference script; "
+          "DRA's BrainMRI rule applied by zsadx."),
     folders={"Normal/images": 0, "COVID/images": 1}, subdir="COVID-19_Radiography_Dataset",
     ignored=("Lung_Opacity/images",), synth_ext=(".png",)))
 
@@ -106,7 +117,8 @@ PLUGINS.append(LabelledFolders(DatasetEntry(
     layout="  <root>/non_glaucoma/image/*.jpg          (normal)\n"
            "  <root>/suspicious_glaucoma/image/*.jpg   (anomalous)",
     source="https://github.com/smilell/AG-CNN (on request)", licence="research use, on request",
-    notes="UNCONFIRMED layout (distributed on request; FAPrompt ships no preprocessing)."),
+    notes="UNCONFIRMED layout (distributed on request; FAPrompt ships no preprocessing). Variant dra: no "
+          "reference script; DRA's BrainMRI rule applied by zsadx."),
     folders={"non_glaucoma/image": 0, "suspicious_glaucoma/image": 1}))
 
 
@@ -116,7 +128,9 @@ class HeadCT(DatasetPlugin):
         aliases=("head-ct", "headct2"), variants=SPLIT_VARIANTS, default_variant="all-test",
         layout="  <root>/labels.csv   (id, hemorrhage)\n  <root>/head_ct/head_ct/NNN.png  (or <root>/head_ct/NNN.png)",
         source="https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage", licence="see Kaggle page",
-        notes="all-test = 100 normal / 100 hemorrhage (AnomalyCLIP, AdaCLIP); dra = 25 / 100 (75% of normals to train).")
+        notes="all-test = 100 normal / 100 hemorrhage (AnomalyCLIP, AdaCLIP headct-pre.py); dra = 25 / 100 "
+              "(DRA data/convert_HeadCT.py, verified against it: sklearn train_test_split(test_size=0.25, "
+              "random_state=42) over the normal ids in labels.csv row order).")
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         labels = self.require(root / "labels.csv")
@@ -160,8 +174,9 @@ class ELPV(DatasetPlugin):
         layout="  <root>/labels.csv   (whitespace separated: images/cellNNNN.png  probability  type)\n"
                "  <root>/images/cellNNNN.png",
         source="https://github.com/zae-bayern/elpv-dataset", licence="CC BY-NC-SA 4.0",
-        notes="DRA conversion: probability 0 normal, 1 anomalous, 1/3 and 2/3 dropped; normals 75/25 "
-              "train/test (seed 42); species mono/poly. 377 normal / 715 anomalous test images.")
+        notes="DRA data/convert_elpv.py (split verified against it): probability 0 normal, 1 anomalous, 1/3 "
+              "and 2/3 dropped; test normals = sklearn train_test_split(test_size=0.25, random_state=42) over "
+              "the normal rows of labels.csv in file order; species mono/poly.")
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         labels = self.require(root / "labels.csv")

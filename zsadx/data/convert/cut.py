@@ -1,8 +1,11 @@
 """Datasets the repos cut into pieces: KolektorSDD (three bands) and AITEX (square tiles).
 
 The pieces are materialised by the conversion pipeline (``Candidate.crop``); a piece is anomalous
-when its part of the mask has any anomalous pixel, and normal pieces are split 75/25 train/test
-with seed 42, as the DRA / AdaCLIP scripts do.
+when its part of the mask has any anomalous pixel. Normal pieces are split train/test by
+scikit-learn's ``train_test_split(test_size=0.25, random_state=42)`` over the list the DRA / AdaCLIP
+scripts build (``data/convert_SDD.py``, ``data/convert_AITEX.py``, AdaCLIP's ``sdd-pre.py``): folders,
+then files, then pieces, each level in name order. The scripts list with ``os.listdir``, whose order
+is the file system's; zsadx sorts by name, which is that order wherever listings come sorted.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from PIL import Image
 
 from zsadx.data import drawing
 from zsadx.data.catalog import DatasetEntry
-from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, seeded_split
+from zsadx.data.convert.base import Candidate, DatasetPlugin, Planted, Problems, list_images, split_normals
 
 # This module's dataset plug-ins; zsadx.data.convert.plugins registers them.
 PLUGINS: list[DatasetPlugin] = []
@@ -29,12 +32,23 @@ def _read_mask(path: Path, problems: Problems) -> np.ndarray | None:
         return None
 
 
-def _split_normals(cands: list[Candidate]) -> list[Candidate]:
-    normals = [c for c in cands if not c.label]
-    train, _ = seeded_split([(str(c.image), c.part) for c in normals], 0.25)
-    train = set(train)
-    for c in normals:
-        c.split = "train" if (str(c.image), c.part) in train else "test"
+def _piece_index(c: Candidate) -> int:
+    """The piece's position in its image ('band2' -> 2, 'tile11' -> 11): tiles sort as numbers."""
+    return int(c.part.lstrip("abcdefghijklmnopqrstuvwxyz") or 0)
+
+
+def _split_pieces(cands: list[Candidate], root: Path) -> list[Candidate]:
+    """DRA / AdaCLIP rule: the normal pieces in (folder, file, piece) order, 25% test by sklearn."""
+    normals = sorted((c for c in cands if not c.label),
+                     key=lambda c: (c.image.parent.relative_to(root).as_posix(), c.image.name, _piece_index(c)))
+    split_normals(normals, test_size=0.25)
+    return cands
+
+
+def _split_whole(cands: list[Candidate], root: Path) -> list[Candidate]:
+    """anomalib's KolektorSDD rule: normal images sorted by path, ``train_size=0.8`` by sklearn."""
+    normals = sorted((c for c in cands if not c.label), key=lambda c: c.image.relative_to(root).as_posix())
+    split_normals(normals, train_size=0.8)
     return cands
 
 
@@ -45,9 +59,13 @@ class KolektorSDD(DatasetPlugin):
         variants=("bands", "whole"), default_variant="bands",
         layout="  <root>/kos01 .. kos50/PartN.jpg\n  <root>/kosNN/PartN_label.bmp",
         source="https://www.vicos.si/resources/kolektorsdd/", licence="CC BY-NC-SA 4.0",
-        notes="bands (default; AdaCLIP/DRA/FAPrompt): each image cut into 3 horizontal bands by rows, a band "
-              "is anomalous if its label band is non-empty, normal bands 75/25 train/test (seed 42). whole "
-              "(anomalib): whole images, normals 80/20.",
+        notes="bands (default; DRA data/convert_SDD.py = AdaCLIP sdd-pre.py, used by FAPrompt): each image cut "
+              "into 3 horizontal bands by rows, a band is anomalous if its label band is non-empty; normal "
+              "bands in (folder, file, band) name order, test = sklearn train_test_split(test_size=0.25, "
+              "random_state=42), i.e. ceil(n/4). whole (anomalib KolektorDataset): whole images, normals "
+              "sorted by path, train = train_test_split(train_size=0.8, random_state=42), i.e. floor(0.8 n). "
+              "Both verified against the reference code (the scripts list folders with os.listdir; zsadx "
+              "sorts by name, their order wherever listings come sorted).",
         prompt_names={"SDD": "electrical commutators"})
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
@@ -78,13 +96,7 @@ class KolektorSDD(DatasetPlugin):
                     out.append(Candidate(img, int(band.any()), "SDD", "test", mask=label_path if band.any() else None,
                                          specie="defect" if band.any() else "good",
                                          crop=(0, bounds[b], w, bounds[b + 1]), part=f"band{b}"))
-        if variant == "whole":
-            normals = [c for c in out if not c.label]
-            train, _ = seeded_split([str(c.image) for c in normals], 0.2)
-            for c in normals:
-                c.split = "train" if str(c.image) in set(train) else "test"
-            return out
-        return _split_normals(out)
+        return _split_whole(out, root) if variant == "whole" else _split_pieces(out, root)
 
     def synthesize(self, root: Path, rng: np.random.Generator, n: int = 1) -> list[Planted]:
         planted = []
@@ -117,9 +129,11 @@ class AITEX(DatasetPlugin):
         layout="  <root>/Defect_images/NNNN_DDD_FF.png\n  <root>/Mask_images/NNNN_DDD_FF_mask.png\n"
                "  <root>/NODefect_images/<fabric>/*.png\n  (each folder may be doubled, e.g. Defect_images/Defect_images/)",
         source="https://www.aitex.es/afid/", licence="research use",
-        notes="DRA conversion: strips cut into square tiles (side = strip height, 256 px); defect tiles kept "
-              "only where the mask tile is non-empty; normal tiles 75/25 train/test (seed 42); specie from "
-              "the defect code (002 Broken_end ... 036 Weft_crack).")
+        notes="DRA data/convert_AITEX.py: strips cut into square tiles (side = strip height, 256 px); defect "
+              "tiles kept only where the mask tile is non-empty; normal tiles in (folder, file, tile) name "
+              "order, test = sklearn train_test_split(test_size=0.25, random_state=42); specie from the "
+              "defect code (002 Broken_end ... 036 Weft_crack). Split rule verified against the DRA script "
+              "(it lists with os.listdir; zsadx sorts by name).")
 
     @staticmethod
     def _folder(root: Path, name: str) -> Path:
@@ -156,7 +170,7 @@ class AITEX(DatasetPlugin):
             for t in range(w // h):
                 out.append(Candidate(img, 0, "AITEX", "test", specie="good", crop=(t * h, 0, (t + 1) * h, h),
                                      part=f"tile{t}"))
-        return _split_normals(out)
+        return _split_pieces(out, normal_root)
 
     def synthesize(self, root: Path, rng: np.random.Generator, n: int = 1) -> list[Planted]:
         planted = []

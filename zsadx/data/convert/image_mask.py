@@ -2,7 +2,9 @@
 
 CVC-ColonDB, CVC-ClinicDB, Kvasir and CVC-300 (the PraNet/figshare "Polyp DataSet" test folders),
 TN3K, EndoTect ("Endo") and ISIC/ISBI 2016. Images and masks pair by stem (ISIC masks add
-``_Segmentation``); JPEG masks (TN3K) are cut at mid-grey so compression noise is not a defect.
+``_Segmentation``); JPEG masks (TN3K) are cut at mid-grey (> 127) so compression noise is not a
+defect; the official loaders cut every mask at > 0, which ``zsadx data convert --paper-compat`` (or
+``--mask-threshold 0``) reproduces.
 """
 from __future__ import annotations
 
@@ -86,7 +88,9 @@ PLUGINS.append(ImageMaskFolders(DatasetEntry(
     name="tn3k", title="TN3K (thyroid nodule ultrasound)", domain="medical", classes=("thyroid",), has_masks=True,
     layout="  <root>/test-image/NNNN.jpg\n  <root>/test-mask/NNNN.jpg   (JPEG masks)",
     source="https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation", licence="research use",
-    notes="614 test images, all anomalous. JPEG masks are binarised at > 127, not > 0."),
+    notes="614 test images, all anomalous. JPEG masks are binarised at > 127 (compression noise around the "
+          "nodule is not a defect); the official loaders (AnomalyCLIP dataset.py, AdaCLIP base_dataset.py) "
+          "binarise at > 0: --paper-compat or --mask-threshold 0 gives theirs."),
     image_dir="test-image", mask_dir="test-mask", mask_threshold=127, exts=(".jpg", ".jpg"),
     synth_image_dir="test-image"))
 

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from zsadx.data.catalog import DatasetEntry
-from zsadx.data.convert.base import IMAGE_EXTS, Candidate, DatasetPlugin, LayoutError, Problems
+from zsadx.data.convert.base import (IMAGE_EXTS, OFFICIAL_MASK_THRESHOLD, Candidate, DatasetPlugin, LayoutError,
+                                     Problems)
 from zsadx.data.convert.plugins import class_coverage, get_plugin
-from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, write_manifest
+from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, mask_threshold_of, write_manifest
 from zsadx.data.transforms import ImageError, load_image
 from zsadx.errors import UserError
 from zsadx.files import FolderLock, is_temp_name, mark_owned, owner_kind, temp_path
@@ -231,12 +232,44 @@ def _validate(root: Path, out: Path, final_out: Path, entry: DatasetEntry,
     return rec, None
 
 
+# ------------------------------------------------------------------------------------------
+# Mask threshold
+# ------------------------------------------------------------------------------------------
+
+def choose_mask_threshold(entry: DatasetEntry, mask_threshold: Optional[int], paper_compat: bool) -> Optional[int]:
+    """The threshold to impose on every mask (``mask > t`` is anomalous), or None for the dataset's own.
+
+    An explicit ``mask_threshold`` wins; ``paper_compat`` gives the official loaders' value.
+    """
+    from zsadx.config import ConfigError
+
+    if mask_threshold is None:
+        return OFFICIAL_MASK_THRESHOLD if paper_compat else None
+    if not entry.has_masks:
+        raise ConfigError(f"{entry.name} has no masks: --mask-threshold does not apply; leave it out")
+    if isinstance(mask_threshold, bool) or not isinstance(mask_threshold, int) or not 0 <= mask_threshold <= 254:
+        raise ConfigError(f"{entry.name}: --mask-threshold {mask_threshold!r} is not a grey level 0..254 "
+                          f"(a mask pixel is anomalous where its value is above it)")
+    return mask_threshold
+
+
+def apply_mask_threshold(candidates: Iterable[Candidate], threshold: Optional[int]) -> None:
+    if threshold is None:
+        return
+    for c in candidates:
+        c.mask_threshold = threshold
+
+
 def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, variant: str | None = None,
-            workers: int = 4, progress: bool = True, classes: Optional[Sequence[str]] = None) -> dict:
+            workers: int = 4, progress: bool = True, classes: Optional[Sequence[str]] = None,
+            mask_threshold: Optional[int] = None, paper_compat: bool = False) -> dict:
     """Convert a raw download into ``out/manifest.jsonl`` + ``out/summary.json``; returns the summary.
 
     ``classes``: convert only these classes of the catalog (a partial download); the summary says
-    which classes the output holds.
+    which classes the output holds. ``mask_threshold``: the grey level above which a mask pixel is
+    anomalous (default: the dataset's, 127 for TN3K's JPEG masks, else 0); ``paper_compat``: the
+    official loaders' value where ``mask_threshold`` is not given. The records and the summary say
+    which threshold the conversion used.
     """
     plugin: DatasetPlugin = get_plugin(dataset)
     entry = plugin.entry
@@ -252,8 +285,10 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, varia
     final_out = Path(out).expanduser().resolve()
     check_output_folder(root, final_out)
     wanted = choose_classes(plugin, root, classes)
+    threshold = choose_mask_threshold(entry, mask_threshold, paper_compat)
     problems = Problems()
     candidates = [c for c in plugin.scan(root, variant, problems, wanted) if c.cls in wanted]
+    apply_mask_threshold(candidates, threshold)
     if not candidates:
         raise LayoutError(entry.name, entry.layout, root, "no images were found under it")
     final_out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +305,7 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, varia
                 if not any(r.cls == c for r in records):
                     problems.add(plugin.class_dir(root, c) or root, f"empty class: no readable image of class '{c}'")
             write_manifest(records, tmp / MANIFEST)
-            summary = summarize(entry, variant, root, records, problems)
+            summary = summarize(entry, variant, root, records, problems, paper_compat=paper_compat)
             (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
             install(tmp, final_out)
         finally:
@@ -300,14 +335,17 @@ def _validate_all(root: Path, tmp: Path, final_out: Path, entry: DatasetEntry, c
 
 
 def summarize(entry: DatasetEntry, variant: str, root: Path, records: Iterable[Record],
-              problems: Problems) -> dict:
-    """The summary: counts per class, the classes held vs the catalog's (subset), the problems."""
+              problems: Problems, paper_compat: bool = False) -> dict:
+    """The summary: counts per class, the classes held vs the catalog's (subset), the mask threshold
+    used, the problems."""
+    records = list(records)
     per_class: dict[str, dict[str, int]] = defaultdict(lambda: Counter())
     for r in records:
         c = per_class[r.cls]
         c[f"{r.split}_{'anomalous' if r.label else 'normal'}"] += 1
         c["masks"] += r.mask is not None
     return {"dataset": entry.name, "variant": variant, "domain": entry.domain, "root": str(root),
+            "paper_compat": paper_compat, "mask_threshold": mask_threshold_of(records),
             "images": sum(sum(v for k, v in c.items() if k != "masks") for c in per_class.values()),
             **class_coverage(entry.name, per_class),
             "class_counts": {k: dict(sorted(v.items())) for k, v in sorted(per_class.items())},
@@ -316,8 +354,11 @@ def summarize(entry: DatasetEntry, variant: str, root: Path, records: Iterable[R
 
 
 def format_summary(summary: dict) -> str:
+    threshold = summary.get("mask_threshold")
     lines = [f"{summary['dataset']} ({summary['variant']}): {summary['images']} images, "
-             f"{len(summary['classes'])} classes, {summary['skipped']} skipped"]
+             f"{len(summary['classes'])} classes, {summary['skipped']} skipped"
+             + (f", masks cut at > {threshold}" if threshold is not None else "")
+             + (" (--paper-compat)" if summary.get("paper_compat") else "")]
     if summary.get("subset"):
         lines.append(f"  a subset: {len(summary['classes'])} of {len(summary['catalog_classes'])} classes "
                      f"(missing {', '.join(summary['missing_classes'])})")
