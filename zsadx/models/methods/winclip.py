@@ -20,7 +20,7 @@ No official code exists; this follows the paper as the reference re-implementati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from zsadx.models.backbone import ForwardContext
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
-from zsadx.models.prompts import WINCLIP, WINCLIP_21, text_features
+from zsadx.models.prompts import WINCLIP, WINCLIP_21, ClassNameTable, batch_phrases, text_features
 
 
 @dataclass
@@ -38,9 +38,17 @@ class WinCLIPConfig(MethodConfig):
     temperature: float = 0.07
     templates: Literal[22, 21] = 22
     normalize_text_each: bool = False
-    class_name: Optional[str] = None  # None: the dataset's class name (underscores -> spaces)
+    # The word for the class in the prompts: ``class_name`` (one phrase for every class, as
+    # anomalib's ``class_name`` argument), else the ``class_names`` table's entry for (dataset,
+    # class), else the class name by ``class_name_rule``: "spaces" ('_' as spaces: "metal nut", the
+    # paper's wording) or "raw" (the category as is: "metal_nut", anomalib; the paper_compat value).
+    class_name: Optional[str] = None
+    class_names: Optional[str] = None
+    class_name_rule: Literal["spaces", "raw"] = "spaces"
     sigma: float = 0.0
     window_batch: int = 4096          # window sequences per transformer call (memory knob)
+
+    PAPER_COMPAT: ClassVar[dict[str, Any]] = {"class_name_rule": "raw"}
 
 
 def window_indices(grid: tuple[int, int], k: int) -> torch.Tensor:
@@ -66,12 +74,17 @@ class WinCLIP(Method):
     def __init__(self, cfg: WinCLIPConfig, backbone=None):
         super().__init__(cfg, backbone)
         self.prompts = WINCLIP if cfg.templates == 22 else WINCLIP_21
+        self.class_names = ClassNameTable(cfg.class_names, cfg.class_name_rule)
         self.text: dict[str, torch.Tensor] = {}
         self.memory: dict[str, list[torch.Tensor]] = {}
         self._windows: dict[tuple, list[torch.Tensor]] = {}
 
-    def _class_text(self, cls: str) -> torch.Tensor:
-        name = self.cfg.class_name or cls.replace("_", " ")
+    def _phrases(self, batch) -> list[str]:
+        """The class phrase of each image of ``batch`` (its 'cls' and, if present, 'dataset')."""
+        return [self.cfg.class_name or p for p in batch_phrases(self.class_names, batch)]
+
+    def _class_text(self, name: str) -> torch.Tensor:
+        """(2, E) text features of one class phrase, computed once."""
         if name not in self.text:
             self.text[name] = torch.stack([
                 text_features(self.backbone, self.prompts.sentences(name, a), normalize_each=self.cfg.normalize_text_each)
@@ -104,8 +117,8 @@ class WinCLIP(Method):
         return out.pooled, patches, wins, grid
 
     def prepare(self, classes: Sequence[str], domain: str = "industrial", references=None) -> None:
-        for c in classes:
-            self._class_text(c)
+        for p in self._phrases({"cls": list(classes)}):  # no dataset here: a table's rows apply in predict
+            self._class_text(p)
         self.memory = {}
         if self.cfg.shots and references:
             with torch.inference_mode():
@@ -126,7 +139,7 @@ class WinCLIP(Method):
     def predict(self, batch) -> Prediction:
         images = batch["image"].to(self.backbone.dtype)
         image_emb, patches, wins, grid = self.features(images)
-        text = torch.stack([self._class_text(c) for c in batch["cls"]]).to(images.device)
+        text = torch.stack([self._class_text(p) for p in self._phrases(batch)]).to(images.device)
         n = grid[0] * grid[1]
         img_score = self._score(image_emb, text)                        # (B,)
         scales = [img_score[:, None].expand(-1, n)]
