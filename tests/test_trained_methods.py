@@ -83,7 +83,8 @@ def test_faprompt_sentences_put_normal_and_abnormal_context_where_official_does(
     normal, abnormal = fa.prompts.encode(bb)
     grads = torch.autograd.grad(abnormal[1].sum(), fa.prompts.ctx_neg, retain_graph=True)[0]
     assert grads[1].abs().sum() > 0 and grads[[0, 2, 3]].abs().sum() == 0
-    assert not normal.requires_grad or torch.autograd.grad(normal.sum(), fa.prompts.ctx_neg, allow_unused=True)[0] is None
+    g = torch.autograd.grad(normal.sum(), fa.prompts.ctx_neg, allow_unused=True)[0]
+    assert g is None or g.abs().sum() == 0
 
 
 def test_dap_prior_uses_the_most_abnormal_patches_patch_major():
@@ -281,7 +282,7 @@ def test_acdclip_levels_and_domain_rules():
     assert m.image_blocks == [2, 4] and m.text_blocks == [2, 4]
     assert m.class_names("mvtec-ad", "bottle") == "dark bottle"
     assert m.class_names("cvc-colondb", "polyp") == "colon endoscopy image"
-    assert m.class_names("mpdd", "metal_plate") == "metal plate"
+    assert m.class_names("not-catalogued", "metal_plate") == "metal plate"   # fallback: separators become spaces
     images = torch.randn(2, 3, 64, 64)
     ind = m.predict({"image": images, "cls": ["x", "x"], "dataset": ["d", "d"], "domain": ["industrial"] * 2})
     med = m.predict({"image": images, "cls": ["x", "x"], "dataset": ["d", "d"], "domain": ["medical"] * 2})

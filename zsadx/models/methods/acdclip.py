@@ -27,6 +27,9 @@ Faithful to the official code (cockmake/ACD-CLIP) as documented in docs/methods_
 Departures: seeded (official: unseeded); the training augmentations (noise, colour jitter, rotation,
 affine, flips) are not implemented yet; ``adapter_insertion: residual`` and ``lora_b_init: zeros`` are
 extra options (not official). See zsadx/models/adapters.py for what can be merged for inference.
+``paper_compat: true`` is accepted and changes nothing: the official code runs in fp32 (no
+``.half()`` casts) and its defaults are zsadx's. Evaluation encodes each class's text once and
+reuses it while the adapters are unchanged (``Method.cached_text``).
 """
 from __future__ import annotations
 
@@ -163,7 +166,6 @@ class ACDCLIP(Method):
         # Not registered as a submodule: it only points at the adapters above (no duplicate state keys).
         object.__setattr__(self, "vision_hook", VisionAdapterHook(self.image_blocks, self.image_adapters,
                                                                   self.image_blends))
-        self._text_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     # -- trainer integration --------------------------------------------------------------
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -177,14 +179,6 @@ class ACDCLIP(Method):
             return []
         return [(list(b.parameters()), self.cfg.blend_grad_clip) for b in (*self.image_blends, *self.text_blends)
                 if list(b.parameters())]
-
-    def train(self, mode: bool = True):
-        self._text_cache.clear()  # text features change with the weights
-        return super().train(mode)
-
-    def load_trainable_state_dict(self, state) -> None:
-        self._text_cache.clear()
-        super().load_trainable_state_dict(state)
 
     # -- text -----------------------------------------------------------------------------
     def _encode_class(self, phrase: str) -> torch.Tensor:
@@ -212,15 +206,10 @@ class ACDCLIP(Method):
         return F.normalize(torch.stack(per_level), dim=-1)
 
     def text_features(self, datasets: Sequence[str], classes: Sequence[str]) -> torch.Tensor:
-        """(B, n_groups, 2, E): computed once per distinct class of the batch (cached in eval mode)."""
-        out = {}
-        for key in dict.fromkeys(zip(datasets, classes)):
-            if not self.training and key in self._text_cache:
-                out[key] = self._text_cache[key]
-                continue
-            out[key] = self._encode_class(self.class_names(*key))
-            if not self.training:
-                self._text_cache[key] = out[key]
+        """(B, n_groups, 2, E): computed once per distinct class of the batch; at evaluation kept
+        across calls while the adapters are unchanged (``Method.cached_text``)."""
+        out = {key: self.cached_text(key, lambda key=key: self._encode_class(self.class_names(*key)))
+               for key in dict.fromkeys(zip(datasets, classes))}
         return torch.stack([out[k] for k in zip(datasets, classes)])
 
     # -- forward --------------------------------------------------------------------------

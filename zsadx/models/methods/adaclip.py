@@ -19,14 +19,18 @@
 
 Departures, with switches: batches of any size (official: 1); HSF's k-means runs batched on the
 device with deterministic farthest-first seeding (``hsf_init: k-means++`` for random seeding;
-official: scikit-learn per image, unseeded); Dice per image (``dice_per_row: true`` or
-``paper_compat: true`` reproduces the official per-row Dice of its squeezed batch-1 masks).
-Training recipes do not pick the best epoch on the test dataset as the official script does.
+official: scikit-learn per image, unseeded); Dice per image (``dice_per_row: true`` reproduces
+the official per-row Dice of its squeezed batch-1 masks); prompts not rounded (``fp16_deep_prompts:
+true`` rounds them as the official prompters' ``.half()`` casts do: each sentence's text prompts and
+each image's visual prompts, static + dynamic, values and gradients). ``paper_compat: true`` sets
+both (``AdaCLIPConfig.PAPER_COMPAT``). Training recipes do not pick the best epoch on the test
+dataset as the official script does. The text is not cached between calls: its dynamic prompts
+come from each image.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +58,12 @@ class AdaCLIPConfig(MethodConfig):
     hsf_alpha: float = 0.2
     hsf_init: Literal["farthest", "k-means++"] = "farthest"
     dice_per_row: bool = False
+    fp16_deep_prompts: bool = False
     init_std: float = 0.02
     sigma: float = 4.0
     align_corners: bool = True
-    paper_compat: bool = False
+
+    PAPER_COMPAT: ClassVar[dict[str, Any]] = {"dice_per_row": True, "fp16_deep_prompts": True}
     # (dataset, class) -> the name in the prompts; default: each official dataset's own class name.
     class_names: Optional[str] = "prompts/adaclip_class_names.yaml"
 
@@ -65,8 +71,9 @@ class AdaCLIPConfig(MethodConfig):
 class HybridTextPrompts(nn.Module):
     """Static deep text prompts + per-image dynamic tokens -> (B, 2, E) class-aware text features."""
 
-    def __init__(self, backbone, prompt_set: str, length: int, depth: int, std: float):
+    def __init__(self, backbone, prompt_set: str, length: int, depth: int, std: float, fp16: bool = False):
         super().__init__()
+        self.fp16 = fp16
         if prompt_set not in PROMPT_SETS:
             raise ValueError(f"unknown prompt set '{prompt_set}' (known: {', '.join(PROMPT_SETS)})")
         self.prompt_set = PROMPT_SETS[prompt_set]
@@ -90,7 +97,7 @@ class HybridTextPrompts(nn.Module):
         n_normal = n_normal.pop()
         ids = torch.cat([i for i, _ in per]).to(e.device)                       # (B * S, L)
         s = per[0][0].shape[0]
-        deep = self.static.as_dict(add=dyn.repeat_interleave(s, dim=0))
+        deep = self.static.as_dict(add=dyn.repeat_interleave(s, dim=0), fp16=self.fp16)   # per sentence
         feats = F.normalize(backbone.encode_text(ids, deep_prompts=deep).float(), dim=-1).reshape(len(classes), s, -1)
         return F.normalize(torch.stack([feats[:, :n_normal].mean(1), feats[:, n_normal:].mean(1)], dim=1), dim=-1)
 
@@ -102,13 +109,13 @@ class AdaCLIP(Method):
 
     def __init__(self, cfg: AdaCLIPConfig, backbone=None):
         super().__init__(cfg, backbone)
-        if cfg.paper_compat:
-            cfg.dice_per_row = True
         bb = self.backbone
         self.layers = bb.check_layers(cfg.layers)
-        self.visual_prompts = DeepVisualPrompts(bb.width, cfg.prompt_length, cfg.prompt_depth, cfg.init_std)
+        self.visual_prompts = DeepVisualPrompts(bb.width, cfg.prompt_length, cfg.prompt_depth, cfg.init_std,
+                                                cfg.fp16_deep_prompts)
         self.visual_dynamic = DynamicPromptGenerator(bb.embed_dim, bb.width, cfg.prompt_length)
-        self.text = HybridTextPrompts(bb, cfg.prompts, cfg.prompt_length, cfg.prompt_depth, cfg.init_std)
+        self.text = HybridTextPrompts(bb, cfg.prompts, cfg.prompt_length, cfg.prompt_depth, cfg.init_std,
+                                      cfg.fp16_deep_prompts)
         self.patch_proj = nn.ModuleList([nn.Linear(bb.width, bb.embed_dim) for _ in self.layers])
         self.cls_proj = nn.Linear(bb.embed_dim, bb.embed_dim)
         # As official: a class not in the table keeps '_' and codes, only '-' becomes a space.

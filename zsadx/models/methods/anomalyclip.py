@@ -15,13 +15,19 @@ official code at its current version (zqhang/AnomalyCLIP, after the 2025-04 alia
   bilinearly, Gaussian sigma 4; image score = global only.
 * Loss: lambda * sum_l [focal(M_l) + dice(M_l[1], gt) + dice(M_l[0], 1 - gt)] + CE(global), lambda 4.
 
+* Evaluation encodes the text once and reuses it while the prompts are unchanged (``TextCache``).
+
 Departures (all switchable): deep prompts are not rounded through fp16 unless
-``fp16_deep_prompts: true``; the text tower is frozen explicitly (the official code leaves its
-gradients on, computing and discarding ~123 M gradients per step).
+``fp16_deep_prompts: true`` (or ``paper_compat: true``): the official text block casts each
+sentence's copy of the deep prompts with ``.half()``, so values and each sentence's gradient are
+rounded; the text tower is frozen explicitly (the official code leaves its gradients on, computing
+and discarding ~123 M gradients per step).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,6 +55,8 @@ class AnomalyCLIPConfig(MethodConfig):
     init_std: float = 0.02
     sigma: float = 4.0
 
+    PAPER_COMPAT: ClassVar[dict[str, Any]] = {"fp16_deep_prompts": True}
+
 
 class ObjectAgnosticPrompts(nn.Module):
     """The two learnable sentences and the shared deep prompts; produces T (2, E), normalised."""
@@ -69,7 +77,8 @@ class ObjectAgnosticPrompts(nn.Module):
     def forward(self, backbone) -> torch.Tensor:
         ids = self.ids.to(self.ctx_pos.device)
         emb = splice_tokens(backbone.token_embeddings(ids), torch.stack([self.ctx_pos, self.ctx_neg]))
-        text = backbone.encode_text(ids, embeddings=emb, deep_prompts=self.deep.as_dict(fp16=self.fp16_deep))
+        deep = self.deep.as_dict(fp16=self.fp16_deep, sentences=ids.shape[0])
+        text = backbone.encode_text(ids, embeddings=emb, deep_prompts=deep)
         return F.normalize(text, dim=-1)
 
 
@@ -102,7 +111,7 @@ class AnomalyCLIP(Method):
     @torch.inference_mode()
     def predict(self, batch) -> Prediction:
         tokens, g, grid = self.vision(self.backbone, batch["image"])
-        text = self.prompts(self.backbone)
+        text = self.cached_text("text", lambda: self.prompts(self.backbone))
         maps = sum(self._probs(t, text)[..., 1] for t in tokens).reshape(-1, *grid)
         scores = self._probs(g, text)[:, 1]
         return Prediction(maps=maps, scores=scores)

@@ -11,6 +11,7 @@ from torch import nn
 
 from zsadx.config import ConfigError, suggest
 from zsadx.models.backbone import BackboneConfig, ClipBackbone, check_patch_multiple
+from zsadx.models.prompt_learning import TextCache
 
 
 @dataclass
@@ -87,6 +88,17 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone if backbone is not None else ClipBackbone(cfg.backbone)
+        self.text_cache = TextCache()
+
+    def cached_text(self, key: Any, compute) -> Any:
+        """``compute()`` (text features), reused across evaluation calls while the method's own
+        tensors are unchanged (see :class:`TextCache`); always fresh in training or with gradients."""
+        own = [t for name, t in self.named_parameters() if not name.startswith("backbone.")]
+        return self.text_cache.get(key, compute, own, training=self.training)
+
+    def train(self, mode: bool = True):
+        self.text_cache.clear()
+        return super().train(mode)
 
     # -- data-dependent set-up ------------------------------------------------------------
     def prepare(self, classes: Sequence[str], domain: str = "industrial",
@@ -114,6 +126,7 @@ class Method(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.text_cache.clear()
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("backbone.")]
         if missing or unexpected:

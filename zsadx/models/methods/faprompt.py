@@ -15,16 +15,24 @@ tapped, CLS without ln_post), same deep text prompts (depth 9, length 4), temper
 * Test: map = (M1[ab] + M2[ab]) / 2, sigma 10; score = 0.5 (p_glob(T_x) + (2 max M1 + max M2) / 3),
   maxima over patch probabilities.
 
-Official-code bugs, fixed by default, reproduced by ``paper_compat: true`` (or one by one):
-``dap_gather: first`` -- the official loop gathers patches 0..9 (top row) instead of the top-k
-indices it computed; ``image_focal_on_logits: true`` -- the binary focal loss is fed the [0, 1]
-score as if it were a logit. Kept as official (they are choices, not bugs): L_oc summed over the 45
-pairs, L_prior summed over the normal images of a batch of 8 (``prior_batch_scale``). Not built: the 8 dead Linear(768, 896) projections.
+* Evaluation encodes the static text once and reuses it while the prompts are unchanged
+  (``TextCache``); the per-image (DAP) text depends on the image and is encoded every call.
+
+Official behaviours that ``paper_compat: true`` turns on (each also its own key, see
+``FAPromptConfig.PAPER_COMPAT``): ``dap_gather: first`` -- the official loop gathers patches 0..9
+(top row) instead of the top-k indices it computed; ``image_focal_on_logits: true`` -- the binary
+focal loss is fed the [0, 1] score as if it were a logit; ``fp16_deep_prompts: true`` -- the text
+block casts each sentence's copy of the deep prompts with ``.half()`` (values and each sentence's
+gradient rounded); ``prior_batch_scale: null`` -- L_prior summed over the normal images of the
+process's batch, whatever its size (zsadx default: the per-image mean x 8, equal at the official
+batch of 8 and independent of how a batch is split over processes). Kept as official: L_oc summed
+over the 45 pairs; the normal sentence re-encoded per image in the DAP pass. Not built: the 8 dead
+Linear(768, 896) projections.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +66,16 @@ class FAPromptConfig(MethodConfig):
     prior_loss_weight: float = 1.0
     # The official code sums the prior over the normal images of its batch of 8. zsadx takes the
     # per-image mean times this number: equal at batch 8, and independent of how a batch is split
-    # over processes (a per-process sum would change with the world size).
-    prior_batch_scale: float = 8.0
+    # over processes (a per-process sum would change with the world size). null: the official sum
+    # over the process's batch, whatever its size.
+    prior_batch_scale: Optional[float] = 8.0
     cls_ln_post: bool = False
     fp16_deep_prompts: bool = False
     init_std: float = 0.02
     sigma: float = 10.0
-    paper_compat: bool = False
+
+    PAPER_COMPAT: ClassVar[dict[str, Any]] = {"dap_gather": "first", "image_focal_on_logits": True,
+                                              "fp16_deep_prompts": True, "prior_batch_scale": None}
 
 
 class CompoundPrompts(nn.Module):
@@ -82,19 +93,25 @@ class CompoundPrompts(nn.Module):
         self.register_buffer("ids", backbone.tokenize([normal, abnormal]), persistent=False)
 
     def encode(self, backbone, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> normal feature (E,) and the abnormal features: (A, E), or (B, A, E) with a per-image
-        ``prior`` (B, D_text) added to every abnormal context token. Unnormalised."""
+        """-> normal feature (E,) and the abnormal features (A, E); with a per-image ``prior``
+        (B, D_text) added to every abnormal context token: per image, normal (B, E) and abnormal
+        (B, A, E). Unnormalised. As official, the DAP pass encodes the normal sentence once per
+        image (the same feature each time; it matters to the per-sentence fp16 rounding of the
+        deep prompts' gradient)."""
         ids = self.ids.to(self.ctx_pos.device)
+        length = ids.shape[1]
         emb = splice_tokens(backbone.token_embeddings(ids), self.ctx_pos)    # shared normal context
-        deep = self.deep.as_dict(fp16=self.fp16)
-        normal = backbone.encode_text(ids[:1], embeddings=emb[:1], deep_prompts=deep)[0]
         neg = self.ctx_neg if prior is None else self.ctx_neg[None] + prior[:, None, None, :]
         lead = neg.shape[:-2]                                                 # (A,) or (B, A)
+        images = lead[:-1]                                                    # () or (B,)
         ab_emb = splice_tokens(emb[1].expand(*lead, *emb.shape[1:]), neg, start=1 + self.n_ctx)
-        ab_ids = ids[1].expand(*lead, ids.shape[1])
-        abnormal = backbone.encode_text(ab_ids.reshape(-1, ids.shape[1]),
-                                        embeddings=ab_emb.reshape(-1, *emb.shape[1:]), deep_prompts=deep)
-        return normal, abnormal.reshape(*lead, -1)
+        all_emb = torch.cat([emb[0].expand(*images, 1, *emb.shape[1:]), ab_emb], dim=-3)   # (..., 1 + A, L, D)
+        all_ids = torch.cat([ids[:1], ids[1:].expand(lead[-1], length)]).expand(*images, lead[-1] + 1, length)
+        all_ids = all_ids.reshape(-1, length)
+        deep = self.deep.as_dict(fp16=self.fp16, sentences=all_ids.shape[0])
+        feats = backbone.encode_text(all_ids, embeddings=all_emb.reshape(-1, *emb.shape[1:]), deep_prompts=deep)
+        feats = feats.reshape(*images, lead[-1] + 1, -1)
+        return feats[..., 0, :], feats[..., 1:, :]
 
 
 class AbnormalityPrior(nn.Module):
@@ -125,8 +142,6 @@ class FAPrompt(Method):
 
     def __init__(self, cfg: FAPromptConfig, backbone=None):
         super().__init__(cfg, backbone)
-        if cfg.paper_compat:
-            cfg.dap_gather, cfg.image_focal_on_logits = "first", True
         bb = self.backbone
         self.vision = DPAMFeatures(bb, [cfg.layer], cfg.dpam_start, cfg.cls_ln_post)
         self.prompts = CompoundPrompts(bb, cfg)
@@ -135,12 +150,12 @@ class FAPrompt(Method):
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, bb = self.cfg, self.backbone
         (tokens,), g, grid = self.vision(bb, images)
-        normal, abnormal = self.prompts.encode(bb)
+        normal, abnormal = self.cached_text("static", lambda: self.prompts.encode(bb))
         t_static = F.normalize(torch.stack([normal, abnormal.mean(0)]).float(), dim=-1)      # (2, E)
         s1 = (tokens @ t_static.T / cfg.temperature).softmax(-1)                              # (B, N, 2)
         omega = self.prior(select_prior_patches(tokens, s1[..., 1], cfg.dap_topk, cfg.dap_gather))
-        _, abnormal_x = self.prompts.encode(bb, omega)                                       # (B, A, E)
-        t_x = F.normalize(torch.stack([normal.expand(abnormal_x.shape[0], -1), abnormal_x.mean(1)], 1).float(), dim=-1)
+        normal_x, abnormal_x = self.prompts.encode(bb, omega)                                # (B, E), (B, A, E)
+        t_x = F.normalize(torch.stack([normal_x, abnormal_x.mean(1)], 1).float(), dim=-1)
         s2 = torch.einsum("bne,bce->bnc", tokens, t_x / cfg.temperature).softmax(-1)
         logits_g = torch.einsum("be,bce->bc", g, t_x / cfg.temperature)
         p_glob = logits_g.softmax(-1)[:, 1]
@@ -160,7 +175,8 @@ class FAPrompt(Method):
         img = binary_focal_loss(r["score"], labels, logits=cfg.image_focal_on_logits)
         orth = orthogonality_loss(r["abnormal"])
         normal = (labels == 0).float()
-        prior = ((r["omega"].float() ** 2).mean(1) * normal).mean() * cfg.prior_batch_scale
+        per_image = (r["omega"].float() ** 2).mean(1) * normal
+        prior = per_image.sum() if cfg.prior_batch_scale is None else per_image.mean() * cfg.prior_batch_scale
         total = (seg1 + cfg.dap_map_weight * seg2 + glob + img + cfg.orth_loss_weight * orth
                  + cfg.prior_loss_weight * prior)
         return {"loss": total, "seg_static": seg1.detach(), "seg_dap": seg2.detach(), "global": glob.detach(),
