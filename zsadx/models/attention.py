@@ -33,20 +33,20 @@ def merge_heads(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def self_self_attention(block: nn.Module, x: torch.Tensor, iterations: int = 1,
-                        temperature: float | None = None) -> torch.Tensor:
+                        inv_temp: float | None = None) -> torch.Tensor:
     """GEM's self-self attention of ``x`` (the LN1 output) with the block's weights.
 
     q, k and v are each L2-normalised and refined ``iterations`` times by a softmax over their own
     cosine similarities (a clustering step), normalised again, turned into three attention maps that
-    are all applied to the original v, averaged, and projected by the block's out_proj. The inverse
-    temperature defaults to the mean token norm of ``x`` times head_dim^-1/2 (per image).
+    are all applied to the original v, averaged, and projected by the block's out_proj.
+
+    ``inv_temp`` multiplies the cosine logits (gem-torch's ``ss_attn_temp`` is this inverse
+    temperature, not a temperature); ``None`` is gem-torch's adaptive default: the mean token norm of
+    ``x`` times head_dim^-1/2, per image.
     """
     q, k, v = split_heads(block, x)
-    scale = q.shape[-1] ** -0.5
-    if temperature is None:
-        inv_temp = x.norm(dim=-1).mean(dim=-1).view(-1, 1, 1, 1) * scale
-    else:
-        inv_temp = 1.0 / temperature
+    if inv_temp is None:
+        inv_temp = x.norm(dim=-1).mean(dim=-1).view(-1, 1, 1, 1) * q.shape[-1] ** -0.5
     feats = [v, k, q]
     for _ in range(iterations):
         feats = [F.normalize(f, dim=-1) for f in feats]
@@ -83,10 +83,21 @@ class DualStreamHook(VisionHook):
         return call_next(x)
 
 
-def gem_hook(first_layer: int, num_layers: int, iterations: int = 1, temperature: float | None = None) -> DualStreamHook:
-    """GEM on blocks first_layer..num_layers (1-based; FADE: 7..12 on ViT-B, gem_depth 7)."""
-    return DualStreamHook("gem", range(first_layer, num_layers + 1),
-                          lambda blk, x: self_self_attention(blk, x, iterations, temperature))
+def gem_layers(depth: int, num_layers: int) -> range:
+    """The 1-based blocks gem-torch's ``depth`` turns into GEM blocks: the last ``depth - 1``
+    (7 on 12 blocks: 7..12; 7 on 24 blocks: 19..24). gem-torch accepts 2..num_layers+1 (depth 1
+    leaves no GEM block and its forward fails; a larger depth indexes past the first block)."""
+    if not 2 <= depth <= num_layers + 1:
+        raise ValueError(f"GEM depth {depth} outside 2..{num_layers + 1} "
+                         f"(depth d makes the last d-1 of {num_layers} blocks GEM blocks)")
+    return range(num_layers - depth + 2, num_layers + 1)
+
+
+def gem_hook(depth: int, num_layers: int, iterations: int = 1, inv_temp: float | None = None) -> DualStreamHook:
+    """GEM with gem-torch's parameters: ``depth`` (last depth-1 blocks, `gem_layers`),
+    ``iterations`` (``ss_attn_iter``) and ``inv_temp`` (``ss_attn_temp``)."""
+    return DualStreamHook("gem", gem_layers(depth, num_layers),
+                          lambda blk, x: self_self_attention(blk, x, iterations, inv_temp))
 
 
 class DPAMFeatures(nn.Module):

@@ -2,8 +2,12 @@
 
 Every switch of the official ``run_fade.py`` is a config key with the official default:
 
-* Features: CLIP (standard stream) and GEM (self-self attention stream on the last blocks from
-  ``gem_depth``; `zsadx.models.attention.gem_hook`), both through ln_post + proj and L2-normalised.
+* Features: CLIP (standard stream) and GEM (self-self attention stream; `zsadx.models.attention`),
+  CLS and patch tokens of both through ln_post + proj, L2-normalised. GEM takes gem-torch's
+  parameters with gem-torch's meaning: ``gem_depth`` d makes the last d-1 blocks GEM blocks (7: the
+  last 6, blocks 7..12 of ViT-B), ``ss_attn_temp`` is the *inverse* temperature multiplying the
+  cosine logits (null: gem-torch's adaptive mean-token-norm * head_dim^-1/2). FADE's CLI leaves all
+  three at gem-torch's defaults (7, 1, null).
   Classification at ``classification_img_size``; segmentation at every ``segmentation_img_sizes``
   (the image resized whole, positional embeddings interpolated; no sliding windows).
 * Language: prompt files (``configs/prompts/*.json``), every sentence wrapped again as
@@ -15,16 +19,22 @@ Every switch of the official ``run_fade.py`` is a config key with the official d
   k = 2 when the query is in the bank; scales resized to the largest grid and averaged, times
   ``vision_segmentation_multiplier``; s_vis = max of that map.
 * Modes: classification both = (s_lang + s_vis) / 2 when shots > 0, else s_lang; segmentation
-  both = (1 - w) L + w V; clipped to [0, 1] and quantised to uint8 as the official code does.
+  both = (1 - w) L + w V; clipped to [0, 1], quantised to uint8 (truncating) and resized to
+  ``eval_size`` with OpenCV's 8-bit bilinear resize (`resize_uint8`), as the official code does.
+  ``language_classification_feature: gem`` scores the GEM stream's CLS token, as official does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from typing import Literal, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zsadx.config import ConfigError
+from zsadx.errors import UserError
 from zsadx.models.attention import gem_hook
 from zsadx.models.methods import METHODS
 from zsadx.models.methods.base import Method, MethodConfig, Prediction
@@ -54,13 +64,26 @@ class FADEConfig(MethodConfig):
     segmentation_prompts: list[str] = field(default_factory=lambda: ["winclip_prompt"])
     segmentation_class_name: str = "object"
     wrap_prompts: bool = True
-    gem_depth: int = 7                # GEM on blocks gem_depth..last, 1-based (7..12 on ViT-B)
-    ss_attn_iter: int = 1
-    ss_attn_temp: Optional[float] = None
+    # gem-torch's GEM parameters, gem-torch's meaning and defaults (FADE's CLI keeps them):
+    gem_depth: int = 7                # the last gem_depth-1 blocks are GEM blocks (2..num_layers+1)
+    ss_attn_iter: int = 1             # clustering iterations of self-self attention
+    ss_attn_temp: Optional[float] = None   # INVERSE temperature on the cosine logits; null: adaptive
     normalize_segmentations: bool = False
     quantize_uint8: bool = True
     logit_scale: float = 100.0
     sigma: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.gem_depth < 2:
+            raise ConfigError(f"'method.gem_depth': {self.gem_depth}; gem_depth d makes the last d-1 blocks "
+                              "GEM blocks, so use 2 or more (official: 7)")
+        if self.ss_attn_iter < 0:
+            raise ConfigError(f"'method.ss_attn_iter': {self.ss_attn_iter}; use 0 or more (official: 1)")
+        t = self.ss_attn_temp
+        if t is not None and not (math.isfinite(t) and t > 0):
+            raise ConfigError(f"'method.ss_attn_temp': {t}; it is an inverse temperature: use a positive "
+                              "number or null (adaptive, official)")
 
 
 class FADE(Method):
@@ -69,10 +92,10 @@ class FADE(Method):
 
     def __init__(self, cfg: FADEConfig, backbone=None):
         super().__init__(cfg, backbone)
-        if not 1 <= cfg.gem_depth <= self.backbone.num_layers:
-            from zsadx.config import ConfigError
-
-            raise ConfigError(f"'method.gem_depth' {cfg.gem_depth} outside 1..{self.backbone.num_layers}")
+        depth_max = self.backbone.num_layers + 1
+        if not 2 <= cfg.gem_depth <= depth_max:
+            raise ConfigError(f"'method.gem_depth' {cfg.gem_depth} outside 2..{depth_max}: gem_depth d makes "
+                              f"the last d-1 of the backbone's {depth_max - 1} blocks GEM blocks")
         self.gem = gem_hook(cfg.gem_depth, self.backbone.num_layers, cfg.ss_attn_iter, cfg.ss_attn_temp)
         self.text_cls: dict[str, torch.Tensor] = {}
         self.text_seg: Optional[torch.Tensor] = None
@@ -128,17 +151,18 @@ class FADE(Method):
 
     # -- vision -------------------------------------------------------------------------------
     def features(self, images: torch.Tensor, sizes: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
-        """Per size: 'cls' (B, E), 'clip' and 'gem' patch features (B, N, E), all L2-normalised; 'grid'."""
+        """Per size: 'clip_cls' and 'gem_cls' (B, E), 'clip' and 'gem' patch features (B, N, E), all
+        through ln_post + proj and L2-normalised; 'grid'."""
         bb = self.backbone
         out = {}
         for s in sorted(set(sizes)):
             x = images if images.shape[-1] == s else F.interpolate(
                 images.float(), size=(s, s), mode="bicubic", align_corners=False, antialias=True).to(images.dtype)
             res = bb.encode_image(x, layers=[bb.num_layers], hooks=[self.gem], tap_stream="gem")
-            gem = bb.project(res.layers[bb.num_layers][:, 1:])
-            clip = bb.project(res.final[:, 1:])
-            out[s] = {"cls": F.normalize(res.pooled.float(), dim=-1), "gem": F.normalize(gem.float(), dim=-1),
-                      "clip": F.normalize(clip.float(), dim=-1), "grid": res.grid}
+            gem = F.normalize(bb.project(res.layers[bb.num_layers]).float(), dim=-1)
+            clip = F.normalize(bb.project(res.final).float(), dim=-1)
+            out[s] = {"clip_cls": clip[:, 0], "gem_cls": gem[:, 0], "clip": clip[:, 1:], "gem": gem[:, 1:],
+                      "grid": res.grid}
         return out
 
     @staticmethod
@@ -188,8 +212,7 @@ class FADE(Method):
             vis_map = torch.stack([self._vision_map(c, feats, i, cfg.vision_feature, target)
                                    for i, c in enumerate(batch["cls"])])
         # Image scores.
-        cls_feat = feats[cfg.classification_img_size]["cls"] if cfg.language_classification_feature == "clip" \
-            else feats[cfg.classification_img_size]["gem"].mean(1)
+        cls_feat = feats[cfg.classification_img_size][f"{cfg.language_classification_feature}_cls"]
         s_lang = torch.stack([self._probs(cls_feat[i], self.text_cls[c.replace("_", " ")])
                               for i, c in enumerate(batch["cls"])])
         s_vis = vis_map.flatten(1).amax(1)
@@ -203,13 +226,26 @@ class FADE(Method):
             hi = seg.flatten(1).amax(1).view(-1, 1, 1)
             seg = (seg - lo) / (hi - lo + 1e-12)
         seg = seg.clamp(0, 1)
-        if cfg.quantize_uint8:  # stored as uint8, resized as uint8 (cv2 rounds), as the official code does
-            seg = (seg * 255).to(torch.uint8).float()
         size = cfg.eval_size or cfg.backbone.image_size
-        seg = F.interpolate(seg[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         if cfg.quantize_uint8:
-            seg = seg.round().clamp(0, 255) / 255
+            seg = resize_uint8((seg * 255).to(torch.uint8), size).float() / 255
+        else:
+            seg = F.interpolate(seg[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         return Prediction(maps=seg, scores=score.clamp(0, 1), final=True)
+
+
+def resize_uint8(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, h, w) uint8 maps -> (B, size, size) uint8 by ``cv2.resize`` with ``INTER_LINEAR`` (the
+    default the official code uses). OpenCV interpolates 8-bit images in fixed point (11-bit weights,
+    truncating SIMD steps), which a float bilinear resize and rounding miss by one level on ~12% of
+    pixels; only OpenCV itself reproduces it."""
+    try:
+        import cv2
+    except ImportError as e:
+        raise UserError("FADE's uint8 maps are resized with OpenCV, which is not installed: "
+                        "pip install opencv-python-headless (or set method.quantize_uint8=false)") from e
+    resized = [cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR) for m in maps.cpu().numpy()]
+    return torch.from_numpy(np.stack(resized)).to(maps.device)
 
 
 METHODS.register("fade", FADE)
