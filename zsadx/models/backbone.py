@@ -58,7 +58,9 @@ class BackboneConfig:
     # official AdaCLIP code runs them with GELU, so the switch matters for faithful checkpoints.
     activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
     image_size: int = 518
-    pos_embed_interp: Literal["bicubic", "bilinear"] = "bicubic"
+    # How positional embeddings are resized to another patch grid (see POS_EMBED_RULES); each
+    # method config names its official code's rule.
+    pos_embed_interp: Literal["bicubic", "bilinear", "bicubic-antialias"] = "bicubic"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     cache_dir: Optional[str] = None
     # Random weights (pretrained: null) are drawn from this seed, apart from the global RNG, so that a
@@ -69,6 +71,33 @@ class BackboneConfig:
         if self.image_size <= 0:
             raise ConfigError(f"'backbone.image_size' must be positive, got {self.image_size}")
         check_patch_multiple(self.name, self.image_size, "backbone.image_size")
+
+
+# pos_embed_interp -> (F.interpolate mode, antialias). Every official code resizes the patch grid
+# alone (CLS entry kept apart) from the grid the weights were trained at, with align_corners=False:
+# * bilinear: AnomalyCLIP and FAPrompt (AnomalyCLIP_lib/AnomalyCLIP.py, VisionTransformer.forward).
+# * bicubic: AdaCLIP (method/clip_model.py resize_pos_embed, at load).
+# * bicubic-antialias: FADE (gem-torch gem/gem_utils.py resample_abs_pos_embed, every forward) and
+#   ACD-CLIP (model/model.py resize_pos_embed, at load). PyTorch's antialiased bicubic is not plain
+#   bicubic even when upsampling: its cubic kernel has a = -0.5 (plain: -0.75) and is truncated and
+#   renormalised at the border instead of replicating the edge (24 -> 37: the grids differ by ~8%).
+POS_EMBED_RULES: dict[str, tuple[str, bool]] = {
+    "bilinear": ("bilinear", False),
+    "bicubic": ("bicubic", False),
+    "bicubic-antialias": ("bicubic", True),
+}
+
+
+def resize_patch_grid(patches: torch.Tensor, src: tuple[int, int], dst: tuple[int, int],
+                      rule: str) -> torch.Tensor:
+    """(src_h * src_w, D) row-major grid embeddings -> (dst_h * dst_w, D) by ``rule``, computed in fp32."""
+    if rule not in POS_EMBED_RULES:
+        raise ConfigError(f"'backbone.pos_embed_interp: {rule}' is unknown; use one of "
+                          f"{', '.join(POS_EMBED_RULES)}")
+    mode, antialias = POS_EMBED_RULES[rule]
+    grid = patches.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(dst), mode=mode, antialias=antialias, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1).to(patches.dtype)
 
 
 def patch_size_of(name: str) -> Optional[int]:
@@ -186,19 +215,12 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
     if local:
         sd = read_state_dict(Path(cfg.pretrained).expanduser())
         if cfg.name == "auto":
-            # OpenAI's own architecture rule (head width 64), as open_clip applies it to OpenAI files.
-            from open_clip.model import build_model_from_openai_state_dict
-
-            model = build_model_from_openai_state_dict(sd, quick_gelu=True).float()
+            model = _architecture_of_openai_state_dict(sd)
         else:
             _check_model_name(cfg.name)
             with _quiet_random_init(True):
                 model = open_clip.create_model(cfg.name, pretrained=None)
-            try:
-                model.load_state_dict(sd, strict=True)
-            except RuntimeError as exc:
-                raise CheckpointError(f"{cfg.pretrained}: weights do not fit model '{cfg.name}': "
-                                 f"{str(exc).splitlines()[0]}") from exc
+        _load_exact_weights(model, sd, cfg)
     else:
         if cfg.name == "auto":
             raise ConfigError("'backbone.name: auto' needs 'backbone.pretrained' to be a local OpenAI file")
@@ -216,6 +238,28 @@ def build_clip(cfg: BackboneConfig) -> nn.Module:
         raise ValueError(f"model '{cfg.name}' is a {type(model).__name__}; zsadx needs a CLIP with a ViT "
                          "image tower and the built-in text transformer")
     return model.eval()
+
+
+def _architecture_of_openai_state_dict(sd: dict[str, torch.Tensor]) -> nn.Module:
+    """The fp32 CLIP an OpenAI-format state dict describes (OpenAI's rule: 64-wide heads, QuickGELU).
+
+    open_clip's builder reads the architecture off the tensor shapes but loads the weights into a
+    model it has half converted to fp16, rounding an fp32 file; only its architecture is kept here
+    (the weights are loaded again, unrounded). ``cast_dtype=None`` gives the same plain LayerNorms
+    as a named model.
+    """
+    from open_clip.model import build_model_from_openai_state_dict
+
+    return build_model_from_openai_state_dict(dict(sd), quick_gelu=True, cast_dtype=None).float()
+
+
+def _load_exact_weights(model: nn.Module, sd: dict[str, torch.Tensor], cfg: BackboneConfig) -> None:
+    """Copy the file's tensors into the fp32 model as they are (an fp16 file widens exactly)."""
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{cfg.pretrained}: weights do not fit model '{cfg.name}': "
+                              f"{str(exc).splitlines()[0]}") from exc
 
 
 class _quiet_random_init(logging.Filter):
@@ -398,23 +442,20 @@ class ClipBackbone(nn.Module):
 
     # ---- positional embeddings --------------------------------------------------------------
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Positional embeddings for a patch grid, interpolated from the native one (CLS untouched).
+        """Positional embeddings for a patch grid, resized from the native one by
+        ``pos_embed_interp`` (CLS untouched).
 
-        Computed without touching the parameter (the official AnomalyCLIP code overwrites it in its
-        first forward) and cached per grid.
+        Computed without touching the parameter and cached per grid. The official AnomalyCLIP and
+        FAPrompt code overwrite the parameter in their first forward, so a later call at another
+        size resizes an already resized grid there; at one image size (as they run) both agree.
         """
         pe = self.visual.positional_embedding
         if tuple(grid) == self.native_grid:
             return pe
         key = (tuple(grid), pe.dtype, pe.device, pe._version, self.cfg.pos_embed_interp)
         if key not in self._pos_cache:
-            cls, patches = pe[:1], pe[1:]
-            gh, gw = self.native_grid
-            patches = patches.reshape(1, gh, gw, -1).permute(0, 3, 1, 2).float()
-            patches = F.interpolate(patches, size=tuple(grid), mode=self.cfg.pos_embed_interp,
-                                    align_corners=False)
-            patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pe.dtype)
-            self._pos_cache = {key: torch.cat([cls, patches], dim=0)}
+            patches = resize_patch_grid(pe[1:], self.native_grid, tuple(grid), self.cfg.pos_embed_interp)
+            self._pos_cache = {key: torch.cat([pe[:1], patches], dim=0)}
         return self._pos_cache[key]
 
     # ---- vision ---------------------------------------------------------------------------
