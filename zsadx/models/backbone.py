@@ -49,13 +49,14 @@ class BackboneConfig:
     ``pretrained`` is an open_clip tag (``openai``, ``laion400m_e31``), a local file (an OpenAI
     ``.pt`` JIT archive or state dict, an open_clip ``.pt``/``.bin``/``.safetensors``), or null for
     random weights (tests). ``name`` may be ``auto`` with a local OpenAI file: the architecture is then
-    read off the state dict.
+    read off the state dict. A file's tensors are loaded exactly as stored (fp16 widened to fp32
+    without loss), then the whole model is cast to ``precision``.
     """
 
     name: str = "ViT-L-14-336"
     pretrained: Optional[str] = "openai"
     # auto: the open_clip config's own choice. OpenAI weights were trained with QuickGELU; the
-    # official AdaCLIP code runs them with GELU, so the switch matters for faithful checkpoints.
+    # official AdaCLIP and ACD-CLIP code run them with GELU (their model configs drop quick_gelu).
     activation: Literal["auto", "quick_gelu", "gelu"] = "auto"
     image_size: int = 518
     # How positional embeddings are resized to another patch grid (see POS_EMBED_RULES); each
@@ -90,7 +91,10 @@ POS_EMBED_RULES: dict[str, tuple[str, bool]] = {
 
 def resize_patch_grid(patches: torch.Tensor, src: tuple[int, int], dst: tuple[int, int],
                       rule: str) -> torch.Tensor:
-    """(src_h * src_w, D) row-major grid embeddings -> (dst_h * dst_w, D) by ``rule``, computed in fp32."""
+    """(src_h * src_w, D) row-major grid embeddings -> (dst_h * dst_w, D) by ``rule``.
+
+    Computed in fp32 and cast back (the official code computes in the weights' dtype: the same at
+    the fp32 precision they all run at)."""
     if rule not in POS_EMBED_RULES:
         raise ConfigError(f"'backbone.pos_embed_interp: {rule}' is unknown; use one of "
                           f"{', '.join(POS_EMBED_RULES)}")
