@@ -64,7 +64,7 @@ class ObjectAgnosticPrompts(nn.Module):
     def __init__(self, backbone, n_ctx: int, deep_depth: int, deep_length: int, std: float, fp16_deep: bool):
         super().__init__()
         width = backbone.text_width
-        self.fp16_deep = fp16_deep
+        self.fp16 = fp16_deep
         self.ctx_pos = nn.Parameter(torch.randn(n_ctx, width) * std)
         self.ctx_neg = nn.Parameter(torch.randn(n_ctx, width) * std)
         if deep_depth - 1 >= backbone.num_text_layers:
@@ -77,7 +77,7 @@ class ObjectAgnosticPrompts(nn.Module):
     def forward(self, backbone) -> torch.Tensor:
         ids = self.ids.to(self.ctx_pos.device)
         emb = splice_tokens(backbone.token_embeddings(ids), torch.stack([self.ctx_pos, self.ctx_neg]))
-        deep = self.deep.as_dict(fp16=self.fp16_deep, sentences=ids.shape[0])
+        deep = self.deep.as_dict(fp16=self.fp16, sentences=ids.shape[0])
         text = backbone.encode_text(ids, embeddings=emb, deep_prompts=deep)
         return F.normalize(text, dim=-1)
 
