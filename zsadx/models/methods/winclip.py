@@ -48,7 +48,9 @@ class WinCLIPConfig(MethodConfig):
     sigma: float = 0.0
     window_batch: int = 4096          # window sequences per transformer call (memory knob)
 
-    PAPER_COMPAT: ClassVar[dict[str, Any]] = {"class_name_rule": "raw"}
+    # WinCLIP has no official code: paper_compat reproduces anomalib's torch model, the reference
+    # zsadx was compared with (its 21-template list, the raw category name).
+    PAPER_COMPAT: ClassVar[dict[str, Any]] = {"class_name_rule": "raw", "templates": 21}
 
 
 def window_indices(grid: tuple[int, int], k: int) -> torch.Tensor:
