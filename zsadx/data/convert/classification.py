@@ -84,8 +84,9 @@ PLUGINS.append(LabelledFolders(DatasetEntry(
     source="https://www.kaggle.com/datasets/navoneel/brain-mri-images-for-brain-tumor-detection",
     licence="see Kaggle page",
     notes="98 normal / 155 tumour. Not BMAD's Brain set (that one is `bmad-brain`, with masks). "
-          "Variant dra (DRA data/convert_BrainMRI.py, verified against it): sklearn train_test_split("
-          "test_size=0.25, random_state=42) over no/ in name order puts 75% of the normals into train.",
+          "Variant dra (DRA data/convert_BrainMRI.py, verified by running it, listing sorted): sklearn "
+          "train_test_split(test_size=0.25, random_state=42) over no/ in name order puts 75% of the normals "
+          "into train.",
     prompt_names={"brain": "brain MRI scan"}),
     folders={"no": 0, "yes": 1}, subdir="brain_tumor_dataset", synth_ext=(".jpg", ".JPG", ".png")))
 
@@ -129,7 +130,7 @@ class HeadCT(DatasetPlugin):
         layout="  <root>/labels.csv   (id, hemorrhage)\n  <root>/head_ct/head_ct/NNN.png  (or <root>/head_ct/NNN.png)",
         source="https://www.kaggle.com/datasets/felipekitamura/head-ct-hemorrhage", licence="see Kaggle page",
         notes="all-test = 100 normal / 100 hemorrhage (AnomalyCLIP, AdaCLIP headct-pre.py); dra = 25 / 100 "
-              "(DRA data/convert_HeadCT.py, verified against it: sklearn train_test_split(test_size=0.25, "
+              "(DRA data/convert_HeadCT.py, verified by running it: sklearn train_test_split(test_size=0.25, "
               "random_state=42) over the normal ids in labels.csv row order).")
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
@@ -174,7 +175,7 @@ class ELPV(DatasetPlugin):
         layout="  <root>/labels.csv   (whitespace separated: images/cellNNNN.png  probability  type)\n"
                "  <root>/images/cellNNNN.png",
         source="https://github.com/zae-bayern/elpv-dataset", licence="CC BY-NC-SA 4.0",
-        notes="DRA data/convert_elpv.py (split verified against it): probability 0 normal, 1 anomalous, 1/3 "
+        notes="DRA data/convert_elpv.py (split verified by running it): probability 0 normal, 1 anomalous, 1/3 "
               "and 2/3 dropped; test normals = sklearn train_test_split(test_size=0.25, random_state=42) over "
               "the normal rows of labels.csv in file order; species mono/poly.")
 

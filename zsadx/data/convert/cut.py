@@ -64,8 +64,9 @@ class KolektorSDD(DatasetPlugin):
               "bands in (folder, file, band) name order, test = sklearn train_test_split(test_size=0.25, "
               "random_state=42), i.e. ceil(n/4). whole (anomalib KolektorDataset): whole images, normals "
               "sorted by path, train = train_test_split(train_size=0.8, random_state=42), i.e. floor(0.8 n). "
-              "Both verified against the reference code (the scripts list folders with os.listdir; zsadx "
-              "sorts by name, their order wherever listings come sorted).",
+              "Both verified: DRA's script and anomalib's make_kolektor_dataset, run on synthetic downloads, "
+              "give the same test normals (the scripts list with os.listdir; zsadx sorts by name, their "
+              "order wherever listings come sorted).",
         prompt_names={"SDD": "electrical commutators"})
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
@@ -132,8 +133,8 @@ class AITEX(DatasetPlugin):
         notes="DRA data/convert_AITEX.py: strips cut into square tiles (side = strip height, 256 px); defect "
               "tiles kept only where the mask tile is non-empty; normal tiles in (folder, file, tile) name "
               "order, test = sklearn train_test_split(test_size=0.25, random_state=42); specie from the "
-              "defect code (002 Broken_end ... 036 Weft_crack). Split rule verified against the DRA script "
-              "(it lists with os.listdir; zsadx sorts by name).")
+              "defect code (002 Broken_end ... 036 Weft_crack). Verified: the DRA script run on a synthetic "
+              "download (listings sorted) gives the same test tiles.")
 
     @staticmethod
     def _folder(root: Path, name: str) -> Path:

@@ -42,7 +42,7 @@ class DAGM(DatasetPlugin):
         notes="Masks are coarse ellipses (weak labels). Variants: kaggle (AnomalyCLIP, default), balanced "
               "(AdaCLIP dagm-pre.py: per class and state all anomalies + as many normals to test, the first in "
               "name order; the script's os.listdir order is not reproducible), dra (DRA convert_optical.py, "
-              "verified against it: the normals of all ten classes pooled in (class, Train/Test, number) "
+              "verified by running it: the normals of all ten classes pooled in (class, Train/Test, number) "
               "order, test = sklearn train_test_split(test_size=0.25, random_state=42)).")
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:

@@ -88,9 +88,9 @@ PLUGINS.append(ImageMaskFolders(DatasetEntry(
     name="tn3k", title="TN3K (thyroid nodule ultrasound)", domain="medical", classes=("thyroid",), has_masks=True,
     layout="  <root>/test-image/NNNN.jpg\n  <root>/test-mask/NNNN.jpg   (JPEG masks)",
     source="https://github.com/haifangong/TRFE-Net-for-thyroid-nodule-segmentation", licence="research use",
-    notes="614 test images, all anomalous. JPEG masks are binarised at > 127 (compression noise around the "
-          "nodule is not a defect); the official loaders (AnomalyCLIP dataset.py, AdaCLIP base_dataset.py) "
-          "binarise at > 0: --paper-compat or --mask-threshold 0 gives theirs."),
+    notes="614 test images, all anomalous. JPEG masks are binarised at > 127 (compression noise around "
+          "the nodule is not a defect); the official loaders (AnomalyCLIP dataset.py, AdaCLIP "
+          "base_dataset.py) binarise at > 0: --paper-compat or --mask-threshold 0 gives theirs."),
     image_dir="test-image", mask_dir="test-mask", mask_threshold=127, exts=(".jpg", ".jpg"),
     synth_image_dir="test-image"))
 

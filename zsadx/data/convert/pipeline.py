@@ -279,13 +279,13 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, varia
 
         raise ConfigError(f"{entry.name}: unknown variant '{variant}'" + suggest(variant, entry.variants)
                          + f"; variants: {', '.join(entry.variants)}")
+    threshold = choose_mask_threshold(entry, mask_threshold, paper_compat)
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise LayoutError(entry.name, entry.layout, root)
     final_out = Path(out).expanduser().resolve()
     check_output_folder(root, final_out)
     wanted = choose_classes(plugin, root, classes)
-    threshold = choose_mask_threshold(entry, mask_threshold, paper_compat)
     problems = Problems()
     candidates = [c for c in plugin.scan(root, variant, problems, wanted) if c.cls in wanted]
     apply_mask_threshold(candidates, threshold)
