@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zsadx.config import from_dict, load_yaml
+from zsadx.config import ConfigError, from_dict, load_yaml
 from zsadx.models.backbone import (POS_EMBED_RULES, BackboneConfig, ClipBackbone, patch_size_of,
                                    resize_patch_grid)
 from tests.conftest import REPO, TINY
@@ -129,7 +129,7 @@ def test_backbone_positional_embedding_follows_its_rule(rule):
 def test_unknown_rule_set_at_run_time_is_a_config_error():
     bb = ClipBackbone(BackboneConfig(name="zsadx-tiny-p14", pretrained=None, image_size=112))
     bb.cfg.pos_embed_interp = "lanczos"
-    with pytest.raises(Exception, match="pos_embed_interp: lanczos.*bicubic-antialias"):
+    with pytest.raises(ConfigError, match="pos_embed_interp: lanczos.*bicubic-antialias"):
         bb.positional_embedding((8, 8))
 
 
