@@ -208,7 +208,8 @@ class ACDCLIP(Method):
     def text_features(self, datasets: Sequence[str], classes: Sequence[str]) -> torch.Tensor:
         """(B, n_groups, 2, E): computed once per distinct class of the batch; at evaluation kept
         across calls while the adapters are unchanged (``Method.cached_text``)."""
-        out = {key: self.cached_text(key, lambda key=key: self._encode_class(self.class_names(*key)))
+        text_side = (self.text_adapters, self.text_blends, self.text_norms)
+        out = {key: self.cached_text(key, lambda key=key: self._encode_class(self.class_names(*key)), text_side)
                for key in dict.fromkeys(zip(datasets, classes))}
         return torch.stack([out[k] for k in zip(datasets, classes)])
 

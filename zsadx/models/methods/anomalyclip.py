@@ -111,7 +111,7 @@ class AnomalyCLIP(Method):
     @torch.inference_mode()
     def predict(self, batch) -> Prediction:
         tokens, g, grid = self.vision(self.backbone, batch["image"])
-        text = self.cached_text("text", lambda: self.prompts(self.backbone))
+        text = self.cached_text("text", lambda: self.prompts(self.backbone), [self.prompts])
         maps = sum(self._probs(t, text)[..., 1] for t in tokens).reshape(-1, *grid)
         scores = self._probs(g, text)[:, 1]
         return Prediction(maps=maps, scores=scores)

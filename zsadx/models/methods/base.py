@@ -90,10 +90,14 @@ class Method(nn.Module):
         self.backbone = backbone if backbone is not None else ClipBackbone(cfg.backbone)
         self.text_cache = TextCache()
 
-    def cached_text(self, key: Any, compute) -> Any:
-        """``compute()`` (text features), reused across evaluation calls while the method's own
-        tensors are unchanged (see :class:`TextCache`); always fresh in training or with gradients."""
-        own = [t for name, t in self.named_parameters() if not name.startswith("backbone.")]
+    def cached_text(self, key: Any, compute, depends_on: Optional[Sequence[nn.Module]] = None) -> Any:
+        """``compute()`` (text features), reused across evaluation calls while the parameters of
+        ``depends_on`` (default: every submodule but the frozen backbone) are unchanged (see
+        :class:`TextCache`); always fresh in training or with gradients."""
+        # Not named_parameters(): walking the backbone's hundreds of tensors on every call would
+        # cost more than a tiny model's text encoding.
+        modules = depends_on if depends_on is not None else [c for c in self.children() if c is not self.backbone]
+        own = [p for m in modules for p in m.parameters()]
         return self.text_cache.get(key, compute, own, training=self.training)
 
     def train(self, mode: bool = True):

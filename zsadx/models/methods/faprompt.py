@@ -150,7 +150,7 @@ class FAPrompt(Method):
     def _run(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         cfg, bb = self.cfg, self.backbone
         (tokens,), g, grid = self.vision(bb, images)
-        normal, abnormal = self.cached_text("static", lambda: self.prompts.encode(bb))
+        normal, abnormal = self.cached_text("static", lambda: self.prompts.encode(bb), [self.prompts])
         t_static = F.normalize(torch.stack([normal, abnormal.mean(0)]).float(), dim=-1)      # (2, E)
         s1 = (tokens @ t_static.T / cfg.temperature).softmax(-1)                              # (B, N, 2)
         omega = self.prior(select_prior_patches(tokens, s1[..., 1], cfg.dap_topk, cfg.dap_gather))
