@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -160,7 +161,6 @@ def test_features_carry_both_cls_tokens():
 # ---- item 5: the final uint8 map -------------------------------------------------------------
 
 def test_final_map_is_opencv_resize_of_the_uint8_map():
-    cv2 = pytest.importorskip("cv2")
     torch.manual_seed(2)
     batch = {"image": torch.randn(2, 3, 128, 128), "cls": ["part", "part"]}
     m = fade(shots=0, use_query_img_in_vision_memory_bank="true", vision_segmentation_multiplier=1.0,
@@ -177,13 +177,12 @@ def test_final_map_is_opencv_resize_of_the_uint8_map():
 
 def test_opencv_resize_differs_from_float_resize_and_rounding():
     """Why OpenCV itself: its fixed-point bilinear is not a rounded float bilinear."""
-    cv2 = pytest.importorskip("cv2")
     maps = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 56, 56), dtype=np.uint8))
     ours = resize_uint8(maps, 448)
     assert ours.dtype == torch.uint8 and np.array_equal(ours[0].numpy(), cv2.resize(maps[0].numpy(), (448, 448)))
     floated = F.interpolate(maps[:, None].float(), size=(448, 448), mode="bilinear", align_corners=False)
     diff = (ours.int() - floated[:, 0].round().int()).abs()
-    assert int(diff.max()) == 1 and 0.05 < float((diff > 0).float().mean()) < 0.25
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) > 0.02   # ~12% here (x86 SIMD)
 
 
 def test_missing_opencv_is_a_one_line_user_error(monkeypatch):
