@@ -2,7 +2,8 @@
 
 Key of a train cell = hash(resolved train config, code version, fingerprints of its datasets' shards).
 Key of an eval cell = hash(resolved eval config, code version, fingerprint of the dataset's shards,
-sha256 of the checkpoint it evaluates). The job writes ``<cell folder>/cell.json`` with its key and
+sha256 of the checkpoint it evaluates: the train cell's final.pt, or the file the grid gives, so a
+replaced checkpoint file makes exactly the cells that evaluate it stale). The job writes ``<cell folder>/cell.json`` with its key and
 status (submitted / running / done / failed, log path, last error line); a cell whose marker says
 done with the key the plan computes now is never recomputed unless forced.
 
@@ -29,14 +30,16 @@ from zsadx.files import FolderLock, atomic_write_json
 MARKER = "cell.json"
 MARKER_LOCK = ".cell.lock"
 OPEN = ("submitted", "running")  # states a live job or process stands behind
-_sha_cache: dict[tuple[str, int, int], str] = {}
+_sha_cache: dict[tuple[str, int, int, int], str] = {}
 
 
 def file_sha(path: Path) -> Optional[str]:
     if not path.is_file():
         return None
     st = path.stat()
-    k = (str(path), st.st_mtime_ns, st.st_size)
+    # The inode too: a file replaced (renamed over) within the clock's resolution at the same size
+    # is still hashed again.
+    k = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
     if k not in _sha_cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def add_parser(sub) -> None:
@@ -60,9 +61,11 @@ def _run(plan, args: argparse.Namespace, t0: float) -> int:
 
 def _plan_or_status(plan, command: str) -> int:
     from launch import cache, fanout
-    from launch.grid import absent_data
+    from launch.grid import absent_data, given_checkpoint_cells
 
     cells = [*plan.train, *plan.evals]
+    for (method, train_set), path in given_checkpoint_cells(plan).items():
+        print(f"given     {method}/{train_set}: {path} (sha256 {cache.file_sha(Path(path))})")
     absent = absent_data(plan)
     for line in absent.warnings("cannot run"):
         print(line)
@@ -99,8 +102,6 @@ def _where(state: str, marker: dict) -> str:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from zsadx.eval import tables
     from zsadx.files import atomic_write_text
 

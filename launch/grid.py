@@ -12,7 +12,9 @@ datasets) pairs come from a protocol:
 
 Training-free methods skip training: one eval cell per (dataset, seed, shots), whatever the
 protocol. Trained methods get one train cell per (train set, seed) and eval cells that need its
-checkpoint. Nothing here runs anything.
+checkpoint. A method with given ``checkpoints`` (one file per train set of the protocol, e.g. the
+papers' released weights) gets no train cell: its eval cells evaluate the given file, under the
+train set's name, as if it had been trained here. Nothing here runs anything.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from zsadx.config import ConfigError, load_config, load_yaml, to_dict
+from zsadx.config import ConfigError, load_config, load_yaml, suggest, to_dict
 from zsadx.files import resolve_within, safe_component
 
 
@@ -35,6 +37,9 @@ class GridMethod:
     overrides: list[str] = field(default_factory=list)        # method.* overrides (eval and train)
     train_overrides: list[str] = field(default_factory=list)  # trainer overrides (max_steps=..., optim.lr=...)
     shots: list[int] = field(default_factory=lambda: [0])
+    # Instead of `train`: train set name -> checkpoint file (zsadx's final.pt or an official file),
+    # one for every train set of the protocol. Relative paths: against the grid's `checkpoints_root`.
+    checkpoints: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,6 +80,9 @@ class GridConfig:
     test_sets: list[str] = field(default_factory=list)        # for protocol 'explicit'
     seeds: list[int] = field(default_factory=lambda: [0])
     eval_overrides: list[str] = field(default_factory=list)   # EvalConfig overrides (data.batch_size=...)
+    # Folder that relative `methods[*].checkpoints` paths are read from; itself relative to the
+    # current folder, like `shards` and `out_dir` (default: the current folder).
+    checkpoints_root: str = "."
     cluster: Literal["slurm", "local", "debug"] = "local"
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -84,6 +92,12 @@ class GridConfig:
         for i, m in enumerate(self.methods):
             if not m.config:
                 raise ConfigError(f"'methods[{i}].config' is required")
+            if m.train and m.checkpoints:
+                raise ConfigError(f"'methods[{i}]' ({m.label or m.config}) has both 'train' and 'checkpoints': "
+                                  f"train it here (keep 'train') or evaluate given files (keep 'checkpoints')")
+            for ts, path in m.checkpoints.items():
+                if not isinstance(path, str) or not path.strip():
+                    raise ConfigError(f"'methods[{i}].checkpoints.{ts}': give the checkpoint file's path, got {path!r}")
         if not self.seeds:
             raise ConfigError("'seeds' is empty")
         if self.slurm.nodes < 1:
@@ -126,8 +140,8 @@ def protocol_pairings(cfg: GridConfig) -> list[Pairing]:
     p = cfg.protocol
     pool = list(dict.fromkeys(p.datasets or cfg.test_sets))
     if p.type == "explicit":
-        if not cfg.train_sets and any(m.train for m in cfg.methods):
-            raise ConfigError("protocol 'explicit' with trained methods needs 'train_sets'")
+        if not cfg.train_sets and any(m.train or m.checkpoints for m in cfg.methods):
+            raise ConfigError("protocol 'explicit' with trained methods (or given checkpoints) needs 'train_sets'")
         return [Pairing(ts, tuple(cfg.test_sets)) for ts in cfg.train_sets] or [Pairing(TrainSet("none"), tuple(cfg.test_sets))]
     if p.type == "paper":
         out = [Pairing(_test_split_set("mvtec-ad"), tuple(d for d in pool if d != "mvtec-ad"))]
@@ -205,30 +219,66 @@ def _cell_folder(out: Path, *parts: str) -> Path:
     return folder
 
 
+def given_checkpoints(cfg: GridConfig, index: int, pairings: list[Pairing]) -> dict[str, Path]:
+    """``methods[index]``'s checkpoint per train set of the protocol, under ``checkpoints_root`` (kept
+    relative when both are, like ``shards``: the cells' keys do not depend on the folder the grid is
+    run from, and jobs run in the folder they were submitted from); every train
+    set must have one, every name must be a train set, every file must exist (checked here, at plan
+    time, so that nothing is submitted before a typo shows)."""
+    m = cfg.methods[index]
+    who = f"'methods[{index}].checkpoints' ({m.label or m.config})"
+    names = [p.train_set.name for p in pairings]
+    unknown = [ts for ts in m.checkpoints if ts not in names]
+    if unknown:
+        raise ConfigError(f"{who}: '{unknown[0]}' is not a train set of protocol '{cfg.protocol.type}'"
+                          + suggest(unknown[0], names) + f"; its train sets: {', '.join(names)}")
+    lacking = [ts for ts in names if ts not in m.checkpoints]
+    if lacking:
+        raise ConfigError(f"{who}: no checkpoint for train set '{lacking[0]}' of protocol '{cfg.protocol.type}' "
+                          f"(add '{lacking[0]}: FILE'; it needs one for each of: {', '.join(names)})")
+    root = Path(cfg.checkpoints_root).expanduser()
+    out = {}
+    for ts in names:
+        path = root / Path(m.checkpoints[ts]).expanduser()
+        if not path.is_file():
+            why = "is a folder, not a checkpoint file" if path.is_dir() else "not found"
+            raise ConfigError(f"{who}: train set '{ts}': checkpoint {path.absolute()} {why} (relative paths are read from "
+                              f"'checkpoints_root': {root.absolute()})")
+        out[ts] = path
+    return out
+
+
+def _train_cell(cfg: GridConfig, m: GridMethod, label: str, ts: TrainSet, seed: int) -> TrainCell:
+    from zsadx.training.config import TrainConfig
+
+    sources = [{"shards": cfg.shards, "split": "test", **s} for s in ts.sources]
+    folder = _cell_folder(Path(cfg.out_dir), "train", label, ts.name, f"seed{seed}")
+    tcfg = load_config(TrainConfig, m.train, overrides=[
+        *[f"method.{o}" for o in m.overrides], *m.train_overrides, f"seed={seed}", f"out_dir={folder / 'run'}",
+        "resume=latest", "progress=false", "data.sources=" + json.dumps(sources)])
+    return TrainCell(label, ts.name, seed, to_dict(tcfg), folder)
+
+
 def expand(cfg: GridConfig) -> Plan:
-    """The grid's cells with fully resolved configs (fails on any bad key before anything runs)."""
+    """The grid's cells with fully resolved configs (fails on any bad key, and on a given checkpoint
+    that is not there, before anything runs)."""
     from zsadx.eval.evaluator import EvalConfig
     from zsadx.training.config import TrainConfig
 
     out = Path(cfg.out_dir)
     pairings = protocol_pairings(cfg)
+    zero_shot = [Pairing(TrainSet("zero-shot"), tuple(dict.fromkeys(d for p in pairings for d in p.tests)))]
+    given = {i: given_checkpoints(cfg, i, pairings) for i, m in enumerate(cfg.methods) if m.checkpoints}
     trains: dict[str, TrainCell] = {}
     evals: dict[str, EvalCell] = {}
-    for m, seed in itertools.product(cfg.methods, cfg.seeds):
+    for (i, m), seed in itertools.product(enumerate(cfg.methods), cfg.seeds):
         label = _method_name(m)
         method_over = [f"method.{o}" for o in m.overrides]
-        for pairing in (pairings if m.train else [Pairing(TrainSet("zero-shot"), tuple(
-                dict.fromkeys(d for p in pairings for d in p.tests)))]):
+        for pairing in (pairings if m.train or m.checkpoints else zero_shot):
             tcell = None
             if m.train:
-                ts = pairing.train_set
-                sources = [{"shards": cfg.shards, "split": "test", **s} for s in ts.sources]
-                tfolder = _cell_folder(out, "train", label, ts.name, f"seed{seed}")
-                tcfg = load_config(TrainConfig, m.train, overrides=[
-                    *method_over, *m.train_overrides, f"seed={seed}", f"out_dir={tfolder / 'run'}",
-                    "resume=latest", "progress=false", "data.sources=" + json.dumps(sources)])
-                tcell = TrainCell(label, ts.name, seed, to_dict(tcfg), tfolder)
-                trains.setdefault(tcell.id, tcell)
+                tcell = trains.setdefault(f"train/{label}/{pairing.train_set.name}/seed{seed}",
+                                          _train_cell(cfg, m, label, pairing.train_set, seed))
             for dataset, shots in itertools.product(pairing.tests, m.shots):
                 folder = _cell_folder(out, "eval", label, pairing.train_set.name, dataset,
                                       f"seed{seed}" + (f"-{shots}shot" if shots else ""))
@@ -239,9 +289,17 @@ def expand(cfg: GridConfig) -> Plan:
                     ecfg.method = load_config(TrainConfig, data=tcell.config).method
                     ecfg.method.shots = shots
                     ecfg.checkpoint = str(tcell.folder / "run" / "final.pt")
+                elif i in given:
+                    ecfg.checkpoint = str(given[i][pairing.train_set.name])
                 cell = EvalCell(label, pairing.train_set.name, dataset, seed, shots, to_dict(ecfg), folder, tcell)
                 evals.setdefault(cell.id, cell)
     return Plan(cfg, list(trains.values()), list(evals.values()))
+
+
+def given_checkpoint_cells(plan: Plan) -> dict[tuple[str, str], str]:
+    """(method, train set) -> the given checkpoint file its eval cells evaluate."""
+    return {(c.method, c.train_set): c.config["checkpoint"] for c in plan.evals
+            if c.train is None and c.config.get("checkpoint")}
 
 
 @dataclass

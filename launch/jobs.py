@@ -167,7 +167,7 @@ class CellJob:
         cell = EvalCell(spec["method"], spec["train_set"], spec["dataset"], spec["seed"], spec["shots"],
                         spec["config"], folder)
         return {"key": cache.eval_key(cell), "result": str(folder / results_name(cfg)),
-                "mean": result["mean"] if result else None}
+                "mean": result["mean"] if result else None, "checkpoint": cfg.checkpoint}
 
     # -- submitit checkpointing -------------------------------------------------------------
     def checkpoint(self, *args, **kwargs):
