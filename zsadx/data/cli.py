@@ -11,7 +11,18 @@ def add_parser(sub) -> None:
 
     c = dsub.add_parser("convert", help="raw download -> manifest.jsonl (+ summary.json)")
     c.add_argument("dataset", help="catalog name (see `zsadx list datasets`)")
-    c.add_argument("--root", required=True, help="folder of the raw download")
+    c.add_argument("--root", default=None,
+                   help="folder of the raw download; with --from: the folder the index's paths are relative to "
+                        "(default for a meta.json: its folder; required for a jsonl)")
+    src = c.add_mutually_exclusive_group()
+    src.add_argument("--from", dest="index", default=None, metavar="INDEX",
+                     help="take the records from an index prepared for the official code, format detected: "
+                          "AnomalyCLIP's meta.json (also read by AdaCLIP, FAPrompt) or ACD-CLIP's jsonl")
+    src.add_argument("--from-meta", dest="index_meta", default=None, metavar="META_JSON",
+                     help="as --from, the file being a meta.json")
+    src.add_argument("--from-jsonl", dest="index_jsonl", default=None, metavar="JSONL",
+                     help="as --from, the file being ACD-CLIP's jsonl (needs --root: its paths are relative to "
+                          "the dataset folder)")
     c.add_argument("--out", required=True,
                    help="output folder: new, empty, or one zsadx converted before (only its own files are replaced)")
     c.add_argument("--variant", default=None, help="split variant where the repos disagree")
@@ -32,6 +43,17 @@ def add_parser(sub) -> None:
     s.add_argument("-n", type=int, default=1, help="images per group (scales the size)")
     s.set_defaults(func=_synth)
 
+    e = dsub.add_parser("export-meta", help="manifest -> AnomalyCLIP's meta.json, to run the official code on "
+                                             "exactly these records")
+    e.add_argument("manifest", help="manifest.jsonl or the converted dataset folder")
+    e.add_argument("--out", required=True, help="the meta.json to write (a new file)")
+    e.add_argument("--root", default=None,
+                   help="the folder the paths are relative to (default: the conversion's raw root where it holds "
+                        "every file, else the files' common folder); the official code's dataset root")
+    e.add_argument("--names", default=None, choices=("anomalyclip", "adaclip", "acd-clip"),
+                   help="write that repo's class names for its processed copies (default: zsadx's)")
+    e.set_defaults(func=_export_meta)
+
     i = dsub.add_parser("info", help="a dataset's catalog entry: layout, variants, source")
     i.add_argument("dataset")
     i.set_defaults(func=_info)
@@ -51,10 +73,32 @@ def _class_list(text: str) -> list[str]:
 def _convert(args: argparse.Namespace) -> int:
     from zsadx.data.convert import convert, format_summary
 
+    index, fmt = _index_source(args)
     summary = convert(args.dataset, args.root, args.out, args.variant, workers=args.workers, classes=args.classes,
-                      mask_threshold=args.mask_threshold, paper_compat=args.paper_compat)
+                      mask_threshold=args.mask_threshold, paper_compat=args.paper_compat, index=index,
+                      index_format=fmt)
     print(format_summary(summary))
     print(f"manifest: {args.out}/manifest.jsonl")
+    return 0
+
+
+def _index_source(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(the index file, its format or None to detect) of --from / --from-meta / --from-jsonl."""
+    if args.index_meta:
+        return args.index_meta, "meta"
+    if args.index_jsonl:
+        return args.index_jsonl, "jsonl"
+    return args.index, None
+
+
+def _export_meta(args: argparse.Namespace) -> int:
+    from zsadx.data.convert.prepared import export_meta
+
+    done = export_meta(args.manifest, args.out, root=args.root, repo=args.names)
+    left = ", ".join(f"{n} of split {s}" for s, n in done["left_out"].items())
+    print(f"wrote {done['out']}: {done['records']} records, classes {', '.join(done['classes'])}; paths relative to "
+          f"{done['root']} (the official code's dataset root)" + (f"; left out {left} (meta.json has train and "
+                                                                   f"test only)" if left else ""))
     return 0
 
 

@@ -51,6 +51,7 @@ class Candidate:
     crop: Optional[tuple[int, int, int, int]] = None  # (left, top, right, bottom) of a piece
     part: str = ""                                     # name of the piece, e.g. 'band1'
     mask_threshold: int = 0                            # mask > threshold is anomalous (127 for JPEG masks)
+    key: str = ""                                      # the record key where a prepared index gives one
 
 
 @dataclass
@@ -83,6 +84,7 @@ class DatasetPlugin:
 
     entry: DatasetEntry
     subdir: str = ""  # the folder inside the archive's top folder, where a download has one
+    mask_threshold: int = 0  # the dataset's own mask threshold (a plug-in overrides it, e.g. TN3K's 127)
 
     def scan(self, root: Path, variant: str, problems: Problems, classes: tuple[str, ...]) -> list[Candidate]:
         """Candidates of ``classes`` (the catalog's, or those chosen with ``--classes``)."""
@@ -110,6 +112,19 @@ class DatasetPlugin:
             hint = f"'{path.parent}' holds: {', '.join(siblings)}" if siblings else ""
             raise LayoutError(self.entry.name, self.entry.layout, path, hint)
         return path
+
+
+def record_key(rel: str, part: str = "") -> tuple[str, str]:
+    """(key, source) of the image at ``rel`` (its path relative to the raw root) and piece ``part``.
+
+    The key is the relative path without its extension, so it is stable across machines; a
+    prepared index (meta.json, jsonl) naming the same relative path gives the same key.
+    """
+    source = rel + (f"#{part}" if part else "")
+    stem = rel.rsplit(".", 1)[0]
+    # WebDataset splits a sample's file names at the first dot: keys must not contain one.
+    key = (stem + (f"_{part}" if part else "")).replace(".", "_").replace(" ", "_")
+    return key, source
 
 
 # ------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from typing import Iterable, Optional, Sequence
 
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (IMAGE_EXTS, OFFICIAL_MASK_THRESHOLD, Candidate, DatasetPlugin, LayoutError,
-                                     Problems)
+                                     Problems, record_key)
 from zsadx.data.convert.plugins import class_coverage, get_plugin
+from zsadx.data.convert.prepared import IndexFileError, PreparedIndex, open_index, scan_index
 from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, mask_threshold_of, write_manifest
 from zsadx.data.transforms import ImageError, load_image
 from zsadx.errors import UserError
@@ -137,23 +138,16 @@ def choose_classes(plugin: DatasetPlugin, root: Path, requested: Optional[Sequen
     A missing or empty class folder is an error that names it and offers ``--classes`` with the
     classes the download does hold.
     """
-    from zsadx.config import suggest
-
     entry = plugin.entry
     if not entry.fixed_classes:
         if requested and list(requested) != [root.name]:
             raise OutputFolderError(f"{entry.name}: the class is the --root folder's name '{root.name}'; "
                                     f"--classes does not apply to this dataset")
         return (root.name,)
-    if requested:
-        unknown = [c for c in requested if c not in entry.classes]
-        if unknown:
-            raise LayoutError(entry.name, entry.layout, root / unknown[0],
-                              f"unknown class '{unknown[0]}'" + suggest(unknown[0], entry.classes)
-                              + f"; {entry.name} classes: {', '.join(entry.classes)}")
-        wanted = tuple(c for c in entry.classes if c in set(requested))
-    else:
-        wanted = entry.classes
+    unknown = _unknown_class(entry, requested)
+    if unknown:
+        raise LayoutError(entry.name, entry.layout, root / unknown[0], unknown[1])
+    wanted = tuple(c for c in entry.classes if c in set(requested)) if requested else entry.classes
     folders = {c: plugin.class_dir(root, c) for c in wanted}
     if any(d is None for d in folders.values()):
         return wanted
@@ -172,6 +166,35 @@ def choose_classes(plugin: DatasetPlugin, root: Path, requested: Optional[Sequen
     raise LayoutError(entry.name, entry.layout, folders[(missing or empty)[0]], "; ".join(parts) + "; " + offer)
 
 
+def _unknown_class(entry: DatasetEntry, requested: Optional[Sequence[str]]) -> Optional[tuple[str, str]]:
+    """(the first ``--classes`` name the catalog does not know, the message), or None."""
+    from zsadx.config import suggest
+
+    bad = [c for c in requested or () if c not in entry.classes]
+    if not bad:
+        return None
+    return bad[0], (f"unknown class '{bad[0]}'" + suggest(bad[0], entry.classes)
+                    + f"; {entry.name} classes: {', '.join(entry.classes)}")
+
+
+def choose_index_classes(entry: DatasetEntry, index: PreparedIndex,
+                         requested: Optional[Sequence[str]]) -> tuple[str, ...]:
+    """The classes to convert from a prepared index: as :func:`choose_classes`, with the index's
+    classes in place of the download's class folders."""
+    unknown = _unknown_class(entry, requested)
+    if unknown:
+        raise IndexFileError(f"--classes: {unknown[1]}")
+    wanted = tuple(c for c in entry.classes if c in set(requested)) if requested else entry.classes
+    held = {r.cls for r in index.rows}
+    missing = [c for c in wanted if c not in held]
+    if not missing:
+        return wanted
+    present = [c for c in wanted if c in held]
+    offer = (f"it holds {', '.join(present)}: convert those with --classes {','.join(present)}"
+             if present else "it holds none of them")
+    raise IndexFileError(f"{index.path}: no records of class(es) {', '.join(missing)}; " + offer)
+
+
 def _holds_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTS and p.is_file() for p in folder.rglob("*"))
 
@@ -182,11 +205,8 @@ def _holds_images(folder: Path) -> bool:
 
 def _key(root: Path, c: Candidate) -> tuple[str, str]:
     rel = c.image.relative_to(root).as_posix() if c.image.is_relative_to(root) else c.image.as_posix()
-    source = rel + (f"#{c.part}" if c.part else "")
-    stem = rel.rsplit(".", 1)[0]
-    # WebDataset splits a sample's file names at the first dot: keys must not contain one.
-    key = (stem + (f"_{c.part}" if c.part else "")).replace(".", "_").replace(" ", "_")
-    return key, source
+    key, source = record_key(rel, c.part)
+    return (c.key or key), source
 
 
 def _read(path: Path, what: str, keep: bool):
@@ -260,16 +280,19 @@ def apply_mask_threshold(candidates: Iterable[Candidate], threshold: Optional[in
         c.mask_threshold = threshold
 
 
-def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, variant: str | None = None,
+def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike, variant: str | None = None,
             workers: int = 4, progress: bool = True, classes: Optional[Sequence[str]] = None,
-            mask_threshold: Optional[int] = None, paper_compat: bool = False) -> dict:
+            mask_threshold: Optional[int] = None, paper_compat: bool = False,
+            index: str | os.PathLike | None = None, index_format: Optional[str] = None) -> dict:
     """Convert a raw download into ``out/manifest.jsonl`` + ``out/summary.json``; returns the summary.
 
     ``classes``: convert only these classes of the catalog (a partial download); the summary says
     which classes the output holds. ``mask_threshold``: the grey level above which a mask pixel is
     anomalous (default: the dataset's, 127 for TN3K's JPEG masks, else 0); ``paper_compat``: the
     official loaders' value where ``mask_threshold`` is not given. The records and the summary say
-    which threshold the conversion used.
+    which threshold the conversion used. ``index``: take the records from a prepared index (AnomalyCLIP's
+    meta.json, ACD-CLIP's jsonl; ``index_format`` or detected) instead of scanning the layout; ``root``
+    defaults to the folder of a meta.json (:mod:`zsadx.data.convert.prepared`).
     """
     plugin: DatasetPlugin = get_plugin(dataset)
     entry = plugin.entry
@@ -280,16 +303,27 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, varia
         raise ConfigError(f"{entry.name}: unknown variant '{variant}'" + suggest(variant, entry.variants)
                          + f"; variants: {', '.join(entry.variants)}")
     threshold = choose_mask_threshold(entry, mask_threshold, paper_compat)
-    root = Path(root).expanduser().resolve()
+    prepared = open_index(index, index_format, root, entry) if index is not None else None
+    if prepared is None and root is None:
+        raise LayoutError(entry.name, entry.layout, "", "give the raw download with --root (or an index with --from)")
+    root = prepared.root if prepared is not None else Path(root).expanduser().resolve()
     if not root.is_dir():
         raise LayoutError(entry.name, entry.layout, root)
     final_out = Path(out).expanduser().resolve()
     check_output_folder(root, final_out)
-    wanted = choose_classes(plugin, root, classes)
     problems = Problems()
-    candidates = [c for c in plugin.scan(root, variant, problems, wanted) if c.cls in wanted]
+    if prepared is None:
+        wanted = choose_classes(plugin, root, classes)
+        candidates = [c for c in plugin.scan(root, variant, problems, wanted) if c.cls in wanted]
+    else:
+        wanted = choose_index_classes(entry, prepared, classes)
+        candidates = scan_index(prepared, problems, wanted, plugin.mask_threshold, entry.has_masks)
     apply_mask_threshold(candidates, threshold)
     if not candidates:
+        if prepared is not None:
+            raise IndexFileError(f"{prepared.path}: no record of the index could be used "
+                                 f"({len(problems.items)} skipped, e.g. {problems.items[0][0]}: {problems.items[0][1]})"
+                                 if problems.items else f"{prepared.path}: no records")
         raise LayoutError(entry.name, entry.layout, root, "no images were found under it")
     final_out.mkdir(parents=True, exist_ok=True)
     if owner_kind(final_out) != OWNER_KIND:
@@ -306,6 +340,8 @@ def convert(dataset: str, root: str | os.PathLike, out: str | os.PathLike, varia
                     problems.add(plugin.class_dir(root, c) or root, f"empty class: no readable image of class '{c}'")
             write_manifest(records, tmp / MANIFEST)
             summary = summarize(entry, variant, root, records, problems, paper_compat=paper_compat)
+            if prepared is not None:
+                summary["index"] = prepared.describe()
             (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
             install(tmp, final_out)
         finally:
@@ -359,6 +395,9 @@ def format_summary(summary: dict) -> str:
              f"{len(summary['classes'])} classes, {summary['skipped']} skipped"
              + (f", masks cut at > {threshold}" if threshold is not None else "")
              + (" (--paper-compat)" if summary.get("paper_compat") else "")]
+    if summary.get("index"):
+        lines.append(f"  records from {summary['index']['format']} index {summary['index']['path']}, "
+                     f"paths relative to {summary['root']}")
     if summary.get("subset"):
         lines.append(f"  a subset: {len(summary['classes'])} of {len(summary['catalog_classes'])} classes "
                      f"(missing {', '.join(summary['missing_classes'])})")
