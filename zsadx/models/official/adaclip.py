@@ -1,0 +1,194 @@
+"""AdaCLIP's official checkpoints (caoyunkang/AdaCLIP, ``method/trainer.py``).
+
+``AdaCLIP_Trainer.save`` writes a flat ``{name: tensor}`` dict: every entry of the trainer's
+``state_dict()`` whose name contains one of its learnable module names, so every key starts with
+``clip_model.`` (the trainer's attribute holding the ``AdaCLIP`` module); ``load`` reads it back with
+``load_state_dict(strict=False)``. The trainable modules are built in fp32 and trained under
+autocast, so the file is fp32. Layout (D = vision width, E = ``embed_dim``, J = prompting depth,
+n = prompting length, K = tapped levels; the official text prompts and the dynamic text heads
+are E wide, which is the text width on every official backbone; zsadx uses the text width):
+
+=========================================================  ==========  ============================
+official key (after ``clip_model.``)                       shape       zsadx key
+=========================================================  ==========  ============================
+``visual_prompter.static_prompts.j`` (j < J)               (n, D)      ``visual_prompts.static.j``
+``text_prompter.static_prompts.0``                         (n, E)      dead (dropped)
+``text_prompter.static_prompts.j`` (1 <= j < J)            (n, E)      ``text.static.tokens.{j-1}``
+``dynamic_visual_prompt_generator.head.i.{weight,bias}``   (D, E)      ``visual_dynamic.head.i``
+``dynamic_text_prompt_generator.head.i.{weight,bias}``     (E, E)      ``text.dynamic.head.i``
+``patch_token_layer.head.k.{weight,bias}`` (k < K)         (E, D)      ``patch_proj.k``
+``cls_token_layer.head.0.{weight,bias}``                   (E, E)      ``cls_proj``
+=========================================================  ==========  ============================
+
+The block-1 text prompt is dead: ``PromptLayer.forward_text`` leaves the sequence untouched at
+``indx == 0`` and replaces positions 1..n before blocks 2..J only. Shapes decide ``prompt_depth``
+(J), ``prompt_length`` (n) and the number of levels (must equal ``len(layers)``); a method config
+that disagrees is an error naming both values. A file trained with another prompting type or
+branch (no dynamic heads, or no text/visual prompts) lacks keys zsadx needs and is refused.
+
+The helpers below (:func:`match_keys`, :func:`check_decided`, :func:`fit_to_method`) are shared
+with the other official formats.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+
+from zsadx.models.official import CheckpointError, Imported, OfficialFormat, register
+
+SOURCE = "caoyunkang/AdaCLIP (method/trainer.py AdaCLIP_Trainer.save)"
+PREFIX = "clip_model."
+MODULES = ("text_prompter", "visual_prompter", "patch_token_layer", "cls_token_layer",
+           "dynamic_visual_prompt_generator", "dynamic_text_prompt_generator")
+
+# A rule: official key pattern -> zsadx key built from the match (None: known-dead, dropped).
+Rule = tuple[str, Optional[Callable[[re.Match], str]]]
+
+
+# ------------------------------------------------------------------------------------------
+# Shared by the official formats
+# ------------------------------------------------------------------------------------------
+
+def match_keys(flat: Mapping[str, torch.Tensor], rules: Sequence[Rule], what: str
+               ) -> tuple[dict[str, tuple[str, torch.Tensor]], list[str]]:
+    """Map every official key by the first rule that matches it whole.
+
+    Returns ({zsadx key: (official key, tensor)}, dropped official keys); a key no rule matches is
+    an error naming it."""
+    mapped: dict[str, tuple[str, torch.Tensor]] = {}
+    dropped: list[str] = []
+    compiled = [(re.compile(pattern), target) for pattern, target in rules]
+    for key, value in flat.items():
+        for pattern, target in compiled:
+            m = pattern.fullmatch(key)
+            if m is None:
+                continue
+            if target is None:
+                dropped.append(key)
+            else:
+                mapped[target(m)] = (key, value)
+            break
+        else:
+            raise CheckpointError(f"{what}: key '{key}' is not part of the official layout "
+                                  f"(neither used by the official code nor known to be dead); not loaded")
+    return mapped, dropped
+
+
+def check_decided(decided: Mapping[str, Any], cfg: Any, what: str, evidence: Mapping[str, str]) -> None:
+    """Each config value the file's shapes decide must equal the method config's."""
+    for key, value in decided.items():
+        have = getattr(cfg, key)
+        if have != value:
+            raise CheckpointError(f"{what}: the file has {key} = {value} ({evidence[key]}) but the method config "
+                                  f"has {key} = {have}; set method.{key}: {value}")
+
+
+def fit_to_method(mapped: Mapping[str, tuple[str, torch.Tensor]], method, what: str) -> dict[str, torch.Tensor]:
+    """The mapped tensors as the method's trainable state: every trainable key present, each
+    shape the method's (a different one means another backbone), values cast to its dtype."""
+    want = method.trainable_state_dict()
+    missing = sorted(set(want) - set(mapped))
+    if missing:
+        raise CheckpointError(f"{what}: the file has nothing for zsadx's '{missing[0]}' ({len(missing)} keys "
+                              f"missing): it was saved by another configuration of the official code")
+    extra = sorted(set(mapped) - set(want))
+    if extra:
+        raise CheckpointError(f"{what}: key '{mapped[extra[0]][0]}' has no place in this method config "
+                              f"(would be zsadx's '{extra[0]}')")
+    state = {}
+    for key, target in want.items():
+        official, value = mapped[key]
+        if tuple(value.shape) != tuple(target.shape):
+            b = method.backbone
+            raise CheckpointError(
+                f"{what}: '{official}' has shape {tuple(value.shape)} but this method on backbone {b.cfg.name} "
+                f"(width {b.width}, text width {b.text_width}, embed dim {b.embed_dim}) needs "
+                f"{tuple(target.shape)}: the file was trained on another backbone")
+        state[key] = value.detach().to(dtype=target.dtype).clone()
+    return state
+
+
+def indices(flat: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
+    """Sorted distinct integers captured by ``pattern``'s first group over the keys."""
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in flat if (m := rx.fullmatch(k))})
+
+
+def consecutive(found: list[int], what: str, key: str) -> int:
+    """The count of ``found`` = 0..n-1 (a gap means a damaged file)."""
+    if found != list(range(len(found))):
+        raise CheckpointError(f"{what}: '{key}' indices {found} are not 0..{len(found) - 1}")
+    return len(found)
+
+
+# ------------------------------------------------------------------------------------------
+# AdaCLIP
+# ------------------------------------------------------------------------------------------
+
+WHAT = "AdaCLIP official checkpoint"
+P = re.escape(PREFIX)
+
+
+def _linear(module: str, target: str) -> Rule:
+    return rf"{P}{module}\.head\.(\d+)\.(weight|bias)", lambda m: f"{target}.{m.group(1)}.{m.group(2)}"
+
+
+RULES: list[Rule] = [
+    (rf"{P}visual_prompter\.static_prompts\.(\d+)", lambda m: f"visual_prompts.static.{m.group(1)}"),
+    (rf"{P}text_prompter\.static_prompts\.0", None),   # block 1's text prompt: never spliced in
+    (rf"{P}text_prompter\.static_prompts\.(\d+)", lambda m: f"text.static.tokens.{int(m.group(1)) - 1}"),
+    _linear("dynamic_visual_prompt_generator", "visual_dynamic.head"),
+    _linear("dynamic_text_prompt_generator", "text.dynamic.head"),
+    _linear("patch_token_layer", "patch_proj"),
+    (rf"{P}cls_token_layer\.head\.0\.(weight|bias)", lambda m: f"cls_proj.{m.group(1)}"),
+]
+VISUAL, TEXT = f"{PREFIX}visual_prompter.static_prompts", f"{PREFIX}text_prompter.static_prompts"
+HEADS = f"{PREFIX}patch_token_layer.head"
+
+
+def detect(obj: Any) -> bool:
+    """A flat tensor dict whose keys all start with ``clip_model.`` and name AdaCLIP's modules."""
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    if not all(k.startswith(PREFIX) and torch.is_tensor(v) for k, v in obj.items()):
+        return False
+    return any(k[len(PREFIX):].split(".", 1)[0] in MODULES for k in obj)
+
+
+def _decide(obj: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, str]]:
+    """prompt_depth and prompt_length from the prompts' count and rows."""
+    depth = consecutive(indices(obj, rf"{re.escape(VISUAL)}\.(\d+)"), WHAT, VISUAL)
+    text_depth = consecutive(indices(obj, rf"{re.escape(TEXT)}\.(\d+)"), WHAT, TEXT)
+    if depth == 0:
+        raise CheckpointError(f"{WHAT}: no '{VISUAL}.*': saved without visual prompts (prompting_branch "
+                              f"without V), which zsadx's AdaCLIP does not build")
+    if text_depth != depth:
+        raise CheckpointError(f"{WHAT}: {depth} visual but {text_depth} text static prompts; the official "
+                              f"code builds both with the same prompting_depth")
+    lengths = {int(v.shape[0]) for k, v in obj.items() if k.startswith((VISUAL + ".", TEXT + "."))}
+    if len(lengths) != 1:
+        raise CheckpointError(f"{WHAT}: static prompts of different lengths {sorted(lengths)}")
+    decided = {"prompt_depth": depth, "prompt_length": lengths.pop()}
+    evidence = {"prompt_depth": f"{VISUAL}.0..{depth - 1}", "prompt_length": f"rows of {VISUAL}.0"}
+    return decided, evidence
+
+
+def _check_levels(obj: Mapping[str, torch.Tensor], cfg) -> None:
+    levels = consecutive(indices(obj, rf"{re.escape(HEADS)}\.(\d+)\.weight"), WHAT, HEADS)
+    if levels != len(cfg.layers):
+        raise CheckpointError(f"{WHAT}: the file has {levels} levels ({HEADS}.0..{levels - 1}) but the method "
+                              f"config taps {len(cfg.layers)} (layers {cfg.layers}); set method.layers to "
+                              f"{levels} blocks")
+
+
+def convert(obj: Any, method) -> Imported:
+    decided, evidence = _decide(obj)
+    check_decided(decided, method.cfg, WHAT, evidence)
+    _check_levels(obj, method.cfg)
+    mapped, dropped = match_keys(obj, RULES, WHAT)
+    return Imported(state=fit_to_method(mapped, method, WHAT), dropped=dropped, decided=decided)
+
+
+FORMAT = register(OfficialFormat(method="adaclip", source=SOURCE, detect=detect, convert=convert))
