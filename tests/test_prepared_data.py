@@ -351,3 +351,17 @@ def test_export_meta_never_replaces_a_file_and_checks_root(mvtec, tmp_path, caps
                      "--root", mvtec / "bottle")
     assert rc == 2 and "outside --root" in one_error_line(err)
     assert not (tmp_path / "new.json").exists()
+
+
+def test_convert_without_root_or_index_is_one_line(tmp_path, capsys):
+    rc, _, err = run(capsys, "data", "convert", "mvtec-ad", "--out", tmp_path / "out")
+    line = one_error_line(err)
+    assert rc == 2 and "--root" in line and "--from" in line
+
+
+def test_from_options_exclude_each_other(mvtec, tmp_path, capsys):
+    meta = write_json(mvtec / "meta.json", anomalyclip_meta(mvtec))
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "convert", "mvtec-ad", "--from", str(meta), "--from-meta", str(meta), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err

@@ -305,7 +305,8 @@ def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike
     threshold = choose_mask_threshold(entry, mask_threshold, paper_compat)
     prepared = open_index(index, index_format, root, entry) if index is not None else None
     if prepared is None and root is None:
-        raise LayoutError(entry.name, entry.layout, "", "give the raw download with --root (or an index with --from)")
+        raise IndexFileError(f"{entry.name}: give the raw download with --root, or an index prepared for the "
+                             f"official code with --from")
     root = prepared.root if prepared is not None else Path(root).expanduser().resolve()
     if not root.is_dir():
         raise LayoutError(entry.name, entry.layout, root)
