@@ -277,8 +277,8 @@ def expand(cfg: GridConfig) -> Plan:
         for pairing in (pairings if m.train or m.checkpoints else zero_shot):
             tcell = None
             if m.train:
-                tcell = trains.setdefault(f"train/{label}/{pairing.train_set.name}/seed{seed}",
-                                          _train_cell(cfg, m, label, pairing.train_set, seed))
+                tcell = _train_cell(cfg, m, label, pairing.train_set, seed)
+                tcell = trains.setdefault(tcell.id, tcell)
             for dataset, shots in itertools.product(pairing.tests, m.shots):
                 folder = _cell_folder(out, "eval", label, pairing.train_set.name, dataset,
                                       f"seed{seed}" + (f"-{shots}shot" if shots else ""))
