@@ -17,7 +17,9 @@ What a checkpoint holds (all tensors and plain values):
 :meth:`Method.load_checkpoint` accepts either file, or a step folder, and refuses a checkpoint of
 another method or backbone with one line naming both. A plain ``{name: tensor}`` file (final.pt
 of zsadx before checkpoint identities) is loaded with a warning: its tensor names and shapes are
-still checked, but not the backbone it was trained on.
+still checked, but not the backbone it was trained on. A checkpoint of an official method
+repository (e.g. AnomalyCLIP's ``epoch_15.pth``) is recognised and converted in memory
+(:mod:`zsadx.models.official`), said in one log line.
 """
 from __future__ import annotations
 
@@ -191,18 +193,42 @@ def read_trainable_state(path: str | os.PathLike, method) -> dict[str, torch.Ten
         identity, state = obj, obj.get("state")
     elif isinstance(obj, dict) and obj.get("format") == TRAINER_FORMAT:
         identity, state = obj.get("identity") or {}, obj.get("method")
+    elif (official := read_official(obj, method, file)) is not None:
+        return official
     elif isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
         log.warning("%s: a plain state dict (zsadx before checkpoint identities): the method and backbone it "
                     "was trained for are not recorded, so only its tensor names and shapes are checked", file)
         identity, state = None, obj
     else:
         raise CheckpointError(f"{file}: not a zsadx method checkpoint (expected final.pt or a step "
-                              f"checkpoint's trainer.pt)")
+                              f"checkpoint's trainer.pt) nor an official one ({official_sources()})")
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError(f"{file}: its trainable state is not a mapping of tensors")
     if identity is not None:
         check_identity(identity, method, file)
     return state
+
+
+def read_official(obj: Any, method, file: Path) -> Optional[dict[str, torch.Tensor]]:
+    """An official repository's checkpoint (:mod:`zsadx.models.official`) converted in memory into
+    ``method``'s trainable state, said in one log line; None if ``obj`` is no official format.
+    Such files record no backbone: the shapes are checked, the weights cannot be."""
+    from zsadx.models import official
+
+    try:
+        found = official.convert_official(obj, method)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{file}: {exc}") from None
+    if found is None:
+        return None
+    log.info("%s: %s", file, official.describe(*found))
+    return found[1].state
+
+
+def official_sources() -> str:
+    from zsadx.models import official
+
+    return ", ".join(f"{name}: {fmt.source}" for name, fmt in official.load_all().items()) or "none known"
 
 
 def load_into(method, path: str | os.PathLike) -> None:
