@@ -95,7 +95,8 @@ def _optional_command_modules() -> list:
     import importlib
 
     mods = []
-    for name in ("zsadx.data.cli", "zsadx.eval.cli", "zsadx.predict", "zsadx.train", "launch.cli"):
+    for name in ("zsadx.data.cli", "zsadx.eval.cli", "zsadx.predict", "zsadx.train", "zsadx.models.official.cli",
+                 "launch.cli"):
         try:
             mods.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
