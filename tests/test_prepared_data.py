@@ -365,3 +365,19 @@ def test_from_options_exclude_each_other(mvtec, tmp_path, capsys):
         main(["data", "convert", "mvtec-ad", "--from", str(meta), "--from-meta", str(meta), "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_a_folder_or_empty_mask_path_is_an_image_level_record_and_a_missing_mask_is_reported(mvtec, tmp_path,
+                                                                                             capsys):
+    meta = anomalyclip_meta(mvtec)
+    bad = [r for r in meta["test"]["bottle"] if r["anomaly"]]
+    bad[0]["mask_path"] = "bottle/ground_truth"           # a folder: "no mask" to AnomalyCLIP's loader
+    bad[1]["mask_path"] = "bottle/ground_truth/gone.png"  # not on disk
+    rc, _, err = convert_index(capsys, tmp_path / "out", "--from-meta", write_json(mvtec / "meta.json", meta))
+    assert rc == 0, err
+    recs = {r.key: r for r in read_manifest(tmp_path / "out")}
+    first = recs[bad[0]["img_path"].rsplit(".", 1)[0]]
+    assert first.label == 1 and first.mask is None
+    assert bad[1]["img_path"].rsplit(".", 1)[0] not in recs
+    problems = json.loads((tmp_path / "out" / "summary.json").read_text())["problems"]
+    assert [p["reason"].split(":")[0] for p in problems] == ["missing mask"]

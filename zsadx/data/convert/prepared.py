@@ -263,7 +263,8 @@ def map_classes(rows: list[IndexRow], entry: DatasetEntry, path: Path) -> list[I
                                                                if also else "")
                              + "); is this the index of another dataset?")
     for r in rows:
-        r.cls = aliases.get(r.cls, r.cls) if r.cls not in known else r.cls
+        if r.cls not in known:  # a catalog name wins over a repo's alias
+            r.cls = aliases[r.cls]
     return rows
 
 
@@ -325,7 +326,9 @@ def _candidate(root: Path, row: IndexRow, problems: Problems, seen: dict[Path, s
         if mask is None:
             problems.add(row.mask, f"{why} ({row.where})")
             return None
-        if not mask.is_file():
+        if mask.is_dir():  # AnomalyCLIP's loader: a folder as mask_path means "no mask" (classification only)
+            mask = None
+        elif not mask.is_file():
             problems.add(mask, f"missing mask: listed at {row.where}, not on disk")
             return None
     return Candidate(image=image, label=row.label, cls=row.cls, split=row.split, mask=mask, specie=row.specie,
@@ -369,8 +372,8 @@ def build_meta(records: Sequence, root: Path, repo: Optional[str]) -> tuple[dict
         if rec.split not in meta:
             left_out[rec.split] += 1
             continue
-        name = official_name(rec.dataset, rec.cls, repo)
-        meta[rec.split].setdefault(name, []).append(meta_row(rec, root, repo))
+        row = meta_row(rec, root, repo)
+        meta[rec.split].setdefault(row["cls_name"], []).append(row)
     return meta, left_out
 
 
@@ -393,9 +396,7 @@ def export_meta(manifest: str | os.PathLike, out: str | os.PathLike, root: Optio
                              f"--out path (or move the old file away)")
     try:
         records = read_manifest(manifest)
-    except FileNotFoundError as exc:
-        raise IndexFileError(str(exc)) from None
-    except ValueError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # the messages name the file (and line)
         raise IndexFileError(str(exc)) from None
     if not records:
         raise IndexFileError(f"{manifest}: the manifest holds no records")
