@@ -134,6 +134,17 @@ def test_anomalyclip_values_land_where_the_official_code_uses_them(tokenize, tmp
         assert torch.equal(call["deep"][j + 2], p[f"compound_prompts_text.{j}"].float())
 
 
+@pytest.mark.parametrize("nesting", ["bare", "prompt_learner"])
+def test_faprompt_fp16_and_a_bare_state_dict_load_as_fp32(tokenize, tmp_path, nesting):
+    sd = faprompt_file(tokenize, dtype=torch.float16)
+    obj = sd["prompt_learner"] if nesting == "bare" else sd
+    m = method("faprompt-tiny")
+    m.load_checkpoint(str(save(obj, tmp_path / "fa.pth")))
+    assert m.prompts.ctx_neg.dtype == torch.float32
+    assert torch.equal(m.prompts.ctx_neg, sd["prompt_learner"]["ctx_neg"][0].float())
+    assert torch.equal(m.prior.linear2.bias, sd["prompt_learner"]["patch_meta_net.linear2.bias"].float())
+
+
 def test_anomalyclip_at_vit_l_shapes_decides_the_config_and_refuses_the_tiny_backbone(tokenize, tmp_path):
     from zsadx.models.official.anomalyclip import convert
 

@@ -165,6 +165,8 @@ def convert_official(obj: Any, method) -> Optional[tuple[OfficialFormat, Importe
 
 def check_decided(imported: Imported, method) -> None:
     for key, value in imported.decided.items():
+        if not hasattr(method.cfg, key):  # a value a format reports without a config key to hold it
+            continue
         have = getattr(method.cfg, key)
         if have != value:
             raise CheckpointError(f"the file's shapes give {key} {value}, the method config has {key} {have}: "
