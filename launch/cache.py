@@ -30,16 +30,16 @@ from zsadx.files import FolderLock, atomic_write_json
 MARKER = "cell.json"
 MARKER_LOCK = ".cell.lock"
 OPEN = ("submitted", "running")  # states a live job or process stands behind
-_sha_cache: dict[tuple[str, int, int, int], str] = {}
+_sha_cache: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_sha(path: Path) -> Optional[str]:
     if not path.is_file():
         return None
     st = path.stat()
-    # The inode too: a file replaced (renamed over) within the clock's resolution at the same size
-    # is still hashed again.
-    k = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    # Inode and ctime too: other weights copied over a checkpoint with its size and mtime kept
+    # (`rsync -a`, `cp -p`) are hashed again; ctime cannot be set back.
+    k = (str(path), st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
     if k not in _sha_cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:

@@ -51,8 +51,9 @@ def overrides(tmp_path: Path, shards: Path, **more) -> list[str]:
 
 
 def eval_means(out: Path) -> dict[str, dict]:
-    return {m["id"]: m for m in map(lambda p: json.loads(p.read_text()), out.rglob("cell.json"))
-            if m["id"].startswith("eval/")}
+    """Evaluation cell id -> its marker (status, key, result file, mean metrics)."""
+    markers = (json.loads(p.read_text()) for p in out.rglob("cell.json"))
+    return {m["id"]: m for m in markers if m["id"].startswith("eval/")}
 
 
 def test_grid_evaluates_given_checkpoints_like_trained_ones_and_a_replaced_file_makes_its_cells_stale(
@@ -180,3 +181,64 @@ def test_explicit_protocol_and_the_shipped_official_weights_grids_plan(tmp_path,
     official = expand(load_grid("grids/official-weights", [f"checkpoints_root={tmp_path / 'grids/official-weights'}"]))
     (to_visa,) = [c for c in official.evals if c.method == "AnomalyCLIP" and c.dataset == "visa"]
     assert to_visa.config["checkpoint"].endswith("anomalyclip/9_12_4_multiscale_visa/epoch_15.pth")
+
+
+def test_a_grid_cell_evaluates_an_official_anomalyclip_file_as_its_zsadx_import(tmp_path, shards, capsys):
+    """Two train sets of an explicit protocol: one given the official-format file (converted in
+    memory by the evaluation), one the zsadx checkpoint `zsadx import` writes from it."""
+    from test_official_checkpoints import anomalyclip_file, method
+
+    official = tmp_path / "weights" / "epoch_15.pth"
+    official.parent.mkdir(parents=True)
+    torch.save(anomalyclip_file(method("anomalyclip-tiny").backbone.tokenize), official)
+    assert main(["import", "methods/anomalyclip-tiny", str(official), "--out", str(tmp_path / "weights" / "ac.pt")]) == 0
+    grid = write_grid(tmp_path, shards, {"config": "methods/anomalyclip-tiny", "label": "ac",
+                                         "checkpoints": {"official": "epoch_15.pth", "imported": "ac.pt"}},
+                      protocol={"type": "explicit"}, train_sets=[{"name": "official"}, {"name": "imported"}],
+                      test_sets=["visa"], eval_overrides=["data.num_workers=0"])
+    capsys.readouterr()
+    assert main(["grid", "run", str(grid)]) == 0
+    assert "2/2 cells ended: 2 done" in capsys.readouterr().out
+    cells = eval_means(tmp_path / "out")
+    official_res, imported_res = (json.loads(Path(cells[f"eval/ac/{ts}/visa/seed0"]["result"]).read_text())
+                                  for ts in ("official", "imported"))
+    assert official_res["checkpoint"] == str(official)
+    # Same values at the same places: every image's score and every metric (same arithmetic in one
+    # process, so only float32 summation order could differ).
+    scores = {s["key"]: s["score"] for s in imported_res["scores"]}
+    assert len(scores) == len(official_res["scores"]) > 0
+    for s in official_res["scores"]:
+        assert s["score"] == pytest.approx(scores[s["key"]], rel=1e-6), s["key"]
+    assert official_res["mean"].keys() == imported_res["mean"].keys()
+    for k, v in official_res["mean"].items():
+        assert v == pytest.approx(imported_res["mean"][k], rel=1e-6), k
+
+
+def test_a_file_replaced_with_the_same_size_and_time_is_hashed_again(tmp_path):
+    """`rsync -a` / `cp -p` of other weights over a checkpoint keeps size and mtime: the hash
+    cache of a long-lived process (a blocking `grid run`) must not return the old file's sha256."""
+    import os
+
+    path = tmp_path / "epoch_15.pth"
+    path.write_bytes(b"a" * 64)
+    stamp = path.stat().st_mtime_ns
+    before = cache.file_sha(path)
+    other = tmp_path / "new.pth"
+    other.write_bytes(b"b" * 64)
+    os.utime(other, ns=(stamp, stamp))
+    other_ino = other.stat().st_ino
+    other.replace(path)
+    assert path.stat().st_mtime_ns == stamp and path.stat().st_size == 64
+    renamed_over = cache.file_sha(path)
+    assert renamed_over != before
+    # in place (the same inode), size and mtime kept; its ctime moves on once the kernel's
+    # (coarse) clock has ticked since the rename
+    ctime = path.stat().st_ctime_ns
+    for _ in range(1000):
+        with open(path, "r+b") as f:
+            f.write(b"c" * 64)
+        os.utime(path, ns=(stamp, stamp))
+        if path.stat().st_ctime_ns != ctime:
+            break
+    assert path.stat().st_ino == other_ino and path.stat().st_mtime_ns == stamp
+    assert cache.file_sha(path) not in (before, renamed_over)
