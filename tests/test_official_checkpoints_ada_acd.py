@@ -59,7 +59,8 @@ class StubBackbone(nn.Module):
 # ------------------------------------------------------------------------------------------
 
 def adaclip_file(D, E, depth, length, levels, seed=1):
-    """The official save layout: PromptLayer.static_prompts (ParameterList), ProjectLayer.head (ModuleList of Linear)."""
+    """The official save layout: PromptLayer.static_prompts (a ParameterList), ProjectLayer.head (a
+    ModuleList of Linear), under the trainer's ``clip_model.``."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for j in range(depth):
@@ -142,7 +143,8 @@ def test_adaclip_tiny_prompts_land_where_the_official_forward_splices_them(tmp_p
         torch.testing.assert_close(got, want.expand_as(got), rtol=1e-5, atol=1e-6)
     # Block 1's text input is the plain sentence: the dead prompt 0 enters nowhere.
     dead = sd["clip_model.text_prompter.static_prompts.0"]
-    assert not any(torch.allclose(txt[1][s, 1:1 + length], dead + dyn_t[0], atol=1e-3) for s in range(txt[1].shape[0]))
+    assert not any(torch.allclose(txt[1][s, 1:1 + length], dead + dyn_t[0], atol=1e-3)
+                   for s in range(txt[1].shape[0]))
     # Linear heads: weight (out, in) and bias, as nn.Linear in the official ProjectLayer.
     for k in range(len(m.cfg.layers)):
         assert torch.equal(m.patch_proj[k].weight, sd[f"clip_model.patch_token_layer.head.{k}.weight"])
@@ -356,3 +358,58 @@ def test_acdclip_unknown_keys_and_foreign_values_are_errors():
     with pytest.raises(CheckpointError, match=r"'image_adapter.lora_adapters.0.conv_lora_blocks.0.lora_A' has "
                                               r"shape \(1024, 4\) .* needs \(64, 4\)"):
         fmt.convert(obj, m)
+
+
+# ------------------------------------------------------------------------------------------
+# Through the load path: Method.load_checkpoint and zsadx eval --checkpoint
+# ------------------------------------------------------------------------------------------
+
+def test_load_checkpoint_converts_both_formats_and_errors_name_the_file(tmp_path):
+    ada = method("adaclip-tiny")
+    file = tmp_path / "pretrained_all.pth"
+    torch.save(adaclip_file(64, 64, 2, 2, 4), file)
+    ada.load_checkpoint(str(file))
+    want = adaclip_file(64, 64, 2, 2, 4)["clip_model.text_prompter.static_prompts.1"]
+    assert torch.equal(ada.text.static.tokens[0], want)
+    acd = method("acdclip-tiny")
+    obj = acdclip_file(64, 64, 2, 4, 2, [3, 5], 32, 32)
+    torch.save(obj, tmp_path / "adapter_7.pth")
+    acd.load_checkpoint(str(tmp_path / "adapter_7.pth"))
+    assert torch.equal(acd.seg_heads[1][3].bias, obj["image_adapter"]["seg_layer_norms.1.bias"])
+    torch.save(acdclip_file(64, 64, 4, 4, 2, [3, 5], 32, 32), tmp_path / "n4.pth")
+    with pytest.raises(CheckpointError, match=r"n4.pth: .*n_groups.* 4.*n_groups.* 2") as err:
+        acd.load_checkpoint(str(tmp_path / "n4.pth"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_eval_takes_official_adaclip_and_acdclip_files(tmp_path, caplog):
+    """``zsadx eval --checkpoint FILE.pth`` converts in memory, says so once, and scores as the
+    zsadx checkpoint of the directly converted method does."""
+    import json
+    import logging
+
+    from conftest import make_shards
+    from zsadx.cli import main
+    from zsadx.models.checkpoints import save_method_checkpoint
+
+    shards = make_shards(tmp_path / "data", {"mvtec-ad": 2})
+    files = {"adaclip": adaclip_file(64, 64, 2, 2, 4), "acdclip": acdclip_file(64, 64, 2, 4, 2, [3, 5], 32, 32)}
+
+    def evaluate(name, checkpoint, out):
+        assert main(["eval", "--method", f"methods/{name}-tiny", "--checkpoint", str(checkpoint), "--shards",
+                     str(shards), "--dataset", "mvtec-ad", "--out", str(out), "data.num_workers=0"]) == 0
+        return json.loads(next(out.glob("*-mvtec-ad.json")).read_text())["mean"]
+
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="zsadx"):
+            official = evaluate(name, tmp_path / f"{name}.pth", tmp_path / f"eval-{name}")
+        assert len([r for r in caplog.records if f"an official {name} checkpoint" in r.getMessage()]) == 1
+        m = method(f"{name}-tiny")
+        import_into(m, obj)
+        direct = evaluate(name, save_method_checkpoint(m, tmp_path / f"{name}-final.pt"), tmp_path / f"eval2-{name}")
+        assert official.keys() == direct.keys()
+        for key, value in official.items():
+            assert value == pytest.approx(direct[key], rel=1e-6), key

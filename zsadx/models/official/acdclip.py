@@ -2,30 +2,23 @@
 
 Each epoch ``train.py`` saves ``adapter_{epoch}.pth`` = ``{"epoch": int, "text_adapter":
 model.text_adapter.state_dict(), "image_adapter": model.image_adapter.state_dict()}``; ``test.py``
-loads the two dicts into the ``nn.ModuleDict``\\ s with strict ``load_state_dict``. Everything is fp32.
-Layout (g < N levels, k < number of conv kernels, D = vision width, T = text width, r = LoRA rank,
-r_c = conv rank, c = kernel size, h = head hidden, h_g = gate hidden):
+loads the two dicts into the two ``nn.ModuleDict`` with strict ``load_state_dict``. Everything is
+fp32. Official key -> zsadx key (shape), with g < N levels, k < number of conv kernels, D = vision
+width, T = text width, r = LoRA rank, r_c = conv rank, c = kernel size, h = head hidden, h_g = gate
+hidden:
 
-===================================================================  ================  =========================
-official key                                                         shape             zsadx key
-===================================================================  ================  =========================
-``image_adapter.m_i_w.g.i_w``                                        (1, 1, D)         ``image_blends.g.i_w``
-``image_adapter.lora_adapters.g.conv_lora_blocks.k.lora_A``          (D, r)            ``image_adapters.g.conv_lora_blocks.k.lora_A``
-``image_adapter.lora_adapters.g.conv_lora_blocks.k.conv_lora_A.weight``  (r_c, r, c, c)  ``image_adapters.g.conv_lora_blocks.k.conv_lora_A.weight``
-``image_adapter.lora_adapters.g.conv_lora_blocks.k.conv_lora_B.weight``  (r, r_c, c, c)  ``image_adapters.g.conv_lora_blocks.k.conv_lora_B.weight``
-``image_adapter.lora_adapters.g.conv_lora_blocks.k.lora_B``          (r, D)            ``image_adapters.g.conv_lora_blocks.k.lora_B``
-``image_adapter.lora_adapters.g.fusion_conv.weight``                 (D, kD, 1, 1)     ``image_adapters.g.fusion_conv.weight``
-``image_adapter.seg_proj.g.fc.0.{weight,bias}``                      (h, D)            ``seg_heads.g.0``
-``image_adapter.seg_proj.g.fc.2.{weight,bias}``                      (T, h)            ``seg_heads.g.2``
-``image_adapter.seg_layer_norms.g.{weight,bias}``                    (T,)              ``seg_heads.g.3``
-``image_adapter.det_proj.g.fc.{0,2}.*``, ``det_layer_norms.g.*``     as seg            ``det_heads.g.{0,2,3}``
-``image_adapter.vision_text_gate.g.0.{weight,bias}``                 (h_g, T)          ``gateway.gates.g.0``
-``image_adapter.vision_text_gate.g.2.{weight,bias}``                 (2N, h_g)         ``gateway.gates.g.2``
-``text_adapter.m_t_w.g.i_w``                                         (1, 1, T)         ``text_blends.g.i_w``
-``text_adapter.lora_adapters.g.{lora_A,lora_B}``                     (T, r), (r, T)    ``text_adapters.g.*``
-``text_adapter.layer_norms.g.{weight,bias}``                         (T,)              ``text_norms.g``
-``epoch``                                                            int               not a tensor (dropped)
-===================================================================  ================  =========================
+* ``image_adapter.m_i_w.g.i_w`` -> ``image_blends.g.i_w`` (1, 1, D)
+* ``image_adapter.lora_adapters.g.X`` -> ``image_adapters.g.X`` for X = ``conv_lora_blocks.k.lora_A``
+  (D, r), ``.conv_lora_A.weight`` (r_c, r, c, c), ``.conv_lora_B.weight`` (r, r_c, c, c),
+  ``.lora_B`` (r, D) and ``fusion_conv.weight`` (D, kD, 1, 1)
+* ``image_adapter.seg_proj.g.fc.{0,2}.*`` -> ``seg_heads.g.{0,2}.*`` ((h, D), (T, h): the MLPAdapter's
+  Linear, LeakyReLU, Linear); ``image_adapter.seg_layer_norms.g.*`` -> ``seg_heads.g.3.*`` (T,)
+* ``image_adapter.det_proj.g.*``, ``det_layer_norms.g.*`` -> ``det_heads.g.*``, as seg
+* ``image_adapter.vision_text_gate.g.{0,2}.*`` -> ``gateway.gates.g.{0,2}.*`` ((h_g, T), (2N, h_g))
+* ``text_adapter.m_t_w.g.i_w`` -> ``text_blends.g.i_w`` (1, 1, T)
+* ``text_adapter.lora_adapters.g.{lora_A,lora_B}`` -> ``text_adapters.g.*`` ((T, r), (r, T))
+* ``text_adapter.layer_norms.g.*`` -> ``text_norms.g.*`` (T,)
+* ``epoch``: an int, not a tensor (dropped)
 
 No tensor is dead. Shapes decide ``n_groups`` (N), ``lora_rank`` (r; the official code uses one rank
 for the image and text LoRA), ``conv_rank``, ``conv_kernels``, ``head_hidden`` and ``gate_hidden``;
@@ -58,7 +51,8 @@ def _head(module: str, target: str) -> list[Rule]:
     # MLPAdapter.fc = Sequential(Linear, LeakyReLU, Linear): its 0 and 2 are zsadx Head's 0 and 2;
     # the separate LayerNorm is the Head's 3.
     return [(rf"image_adapter\.{module}_proj\.(\d+)\.fc\.([02]\.(?:weight|bias))", _same(target)),
-            (rf"image_adapter\.{module}_layer_norms\.(\d+)\.(weight|bias)", lambda m: f"{target}.{m.group(1)}.3.{m.group(2)}")]
+            (rf"image_adapter\.{module}_layer_norms\.(\d+)\.(weight|bias)",
+             lambda m: f"{target}.{m.group(1)}.3.{m.group(2)}")]
 
 
 RULES: list[Rule] = [
