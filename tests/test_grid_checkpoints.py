@@ -44,6 +44,15 @@ def write_checkpoint(path: Path, seed: int, config: str = "methods/anomalyclip-t
     return save_method_checkpoint(method, path)
 
 
+def write_official_anomalyclip(path: Path) -> Path:
+    """A synthetic zqhang/AnomalyCLIP ``epoch_N.pth`` at the tiny backbone's widths."""
+    from test_official_checkpoints import anomalyclip_file, method
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(anomalyclip_file(method("anomalyclip-tiny").backbone.tokenize), path)
+    return path
+
+
 def overrides(tmp_path: Path, shards: Path, **more) -> list[str]:
     over = {"out_dir": tmp_path / "out", "shards": shards, "checkpoints_root": tmp_path / "weights",
             "cluster": "debug", **more}
@@ -58,8 +67,10 @@ def eval_means(out: Path) -> dict[str, dict]:
 
 def test_grid_evaluates_given_checkpoints_like_trained_ones_and_a_replaced_file_makes_its_cells_stale(
         tmp_path, shards, capsys):
+    # MVTec AD's weights in the official AnomalyCLIP format (converted in memory), VisA's a zsadx final.pt
     weights = tmp_path / "weights" / "anomalyclip"
-    files = {ts: write_checkpoint(weights / f"{ts}.pt", seed) for ts, seed in (("mvtec-ad", 1), ("visa", 2))}
+    files = {"mvtec-ad": write_official_anomalyclip(weights / "mvtec-ad.pt"),
+             "visa": write_checkpoint(weights / "visa.pt", seed=2)}
     over = overrides(tmp_path, shards)
     out = tmp_path / "out"
 
@@ -186,11 +197,7 @@ def test_explicit_protocol_and_the_shipped_official_weights_grids_plan(tmp_path,
 def test_a_grid_cell_evaluates_an_official_anomalyclip_file_as_its_zsadx_import(tmp_path, shards, capsys):
     """Two train sets of an explicit protocol: one given the official-format file (converted in
     memory by the evaluation), one the zsadx checkpoint `zsadx import` writes from it."""
-    from test_official_checkpoints import anomalyclip_file, method
-
-    official = tmp_path / "weights" / "epoch_15.pth"
-    official.parent.mkdir(parents=True)
-    torch.save(anomalyclip_file(method("anomalyclip-tiny").backbone.tokenize), official)
+    official = write_official_anomalyclip(tmp_path / "weights" / "epoch_15.pth")
     assert main(["import", "methods/anomalyclip-tiny", str(official), "--out", str(tmp_path / "weights" / "ac.pt")]) == 0
     grid = write_grid(tmp_path, shards, {"config": "methods/anomalyclip-tiny", "label": "ac",
                                          "checkpoints": {"official": "epoch_15.pth", "imported": "ac.pt"}},
