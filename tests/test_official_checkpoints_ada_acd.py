@@ -413,3 +413,26 @@ def test_eval_takes_official_adaclip_and_acdclip_files(tmp_path, caplog):
         assert official.keys() == direct.keys()
         for key, value in official.items():
             assert value == pytest.approx(direct[key], rel=1e-6), key
+
+
+def test_zsadx_import_writes_zsadx_checkpoints_of_both(tmp_path, capsys):
+    from zsadx.cli import main
+    from zsadx.models.checkpoints import METHOD_FORMAT, method_identity
+
+    files = {"adaclip": adaclip_file(64, 64, 2, 2, 4), "acdclip": acdclip_file(64, 64, 2, 4, 2, [3, 5], 32, 32)}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        out = tmp_path / f"{name}-ckpt.pt"
+        assert main(["import", f"methods/{name}-tiny", str(tmp_path / f"{name}.pth"), "--out", str(out)]) == 0
+        assert f"an official {name} checkpoint" in capsys.readouterr().out
+        ck = torch.load(out, weights_only=True)
+        m = method(f"{name}-tiny")
+        assert ck["format"] == METHOD_FORMAT and ck["backbone"] == method_identity(m)["backbone"]
+        assert set(ck["state"]) == set(m.trainable_state_dict())
+        m.load_checkpoint(str(out))
+    # a file of 4 levels into the 2-level config: one line naming both, nothing written
+    torch.save(acdclip_file(64, 64, 4, 4, 2, [3, 5], 32, 32), tmp_path / "n4.pth")
+    assert main(["import", "methods/acdclip-tiny", str(tmp_path / "n4.pth"), "--out", str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "n_groups = 4" in err and "n_groups = 2" in err
+    assert not (tmp_path / "x.pt").exists()
