@@ -116,6 +116,7 @@ def test_adaclip_tiny_prompts_land_where_the_official_forward_splices_them(tmp_p
     imported = import_into(m, roundtrip(sd, tmp_path))
     assert imported.dropped == ["clip_model.text_prompter.static_prompts.0"]
     assert imported.decided == {"prompt_depth": depth, "prompt_length": length}
+    assert imported.origin["text.static.tokens.0"] == "clip_model.text_prompter.static_prompts.1"
     # paper_compat still applies to the imported weights (the method config key, not the file)
     assert m.cfg.fp16_deep_prompts is paper_compat and m.cfg.dice_per_row is paper_compat
     cast = round_fp16 if paper_compat else (lambda t: t)
@@ -173,6 +174,8 @@ def test_adaclip_vit_l_14_336_layout_imports():
      "'clip_model.text_prompter.extra_thing' is not part of the official layout"),
     (lambda sd: [sd.pop(k) for k in [k for k in sd if "dynamic_text" in k]],
      "nothing for zsadx's 'text.dynamic.head.0.bias'"),
+    (lambda sd: [sd.pop(k) for k in [k for k in sd if "text_prompter" in k]],   # prompting_branch V
+     "no 'clip_model.text_prompter.static_prompts.*': saved with prompting_branch without L"),
 ])
 def test_adaclip_unknown_or_missing_keys_are_one_line_errors(edit, message):
     m = method("adaclip-tiny")

@@ -34,7 +34,8 @@ from typing import Any, Mapping
 import torch
 
 from zsadx.models.official import CheckpointError, Imported, OfficialFormat, register
-from zsadx.models.official.adaclip import Rule, check_decided, consecutive, fit_to_method, indices, match_keys
+from zsadx.models.official.adaclip import (Rule, check_decided, consecutive, fit_to_method, indices, match_keys,
+                                          origins)
 
 SOURCE = "cockmake/ACD-CLIP (train.py torch.save of text_adapter / image_adapter)"
 WHAT = "ACD-CLIP official checkpoint"
@@ -134,7 +135,8 @@ def convert(obj: Any, method) -> Imported:
     check_decided(decided, method.cfg, WHAT, evidence)
     mapped, dropped = match_keys(flat, RULES, WHAT)
     dropped += [k for k in METADATA if k in obj]
-    return Imported(state=fit_to_method(mapped, method, WHAT), dropped=dropped, decided=decided)
+    return Imported(state=fit_to_method(mapped, method, WHAT), dropped=dropped, decided=decided,
+                    origin=origins(mapped))
 
 
 FORMAT = register(OfficialFormat(method="acdclip", source=SOURCE, detect=detect, convert=convert))

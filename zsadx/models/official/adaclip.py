@@ -27,7 +27,7 @@ that disagrees is an error naming both values. A file trained with another promp
 branch (no dynamic heads, or no text/visual prompts) lacks keys zsadx needs and is refused.
 
 The helpers below (:func:`match_keys`, :func:`check_decided`, :func:`fit_to_method`) are shared
-with the other official formats.
+with acdclip.py.
 """
 from __future__ import annotations
 
@@ -110,6 +110,11 @@ def fit_to_method(mapped: Mapping[str, tuple[str, torch.Tensor]], method, what: 
     return state
 
 
+def origins(mapped: Mapping[str, tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """zsadx key -> the official key it came from."""
+    return {key: official for key, (official, _) in mapped.items()}
+
+
 def indices(flat: Mapping[str, torch.Tensor], pattern: str) -> list[int]:
     """Sorted distinct integers captured by ``pattern``'s first group over the keys."""
     rx = re.compile(pattern)
@@ -161,9 +166,10 @@ def _decide(obj: Mapping[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, 
     """prompt_depth and prompt_length from the prompts' count and rows."""
     depth = consecutive(indices(obj, rf"{re.escape(VISUAL)}\.(\d+)"), WHAT, VISUAL)
     text_depth = consecutive(indices(obj, rf"{re.escape(TEXT)}\.(\d+)"), WHAT, TEXT)
-    if depth == 0:
-        raise CheckpointError(f"{WHAT}: no '{VISUAL}.*': saved without visual prompts (prompting_branch "
-                              f"without V), which zsadx's AdaCLIP does not build")
+    for count, key, branch in ((depth, VISUAL, "V"), (text_depth, TEXT, "L")):
+        if count == 0:
+            raise CheckpointError(f"{WHAT}: no '{key}.*': saved with prompting_branch without {branch} or "
+                                  f"prompting_type without S; zsadx's AdaCLIP is the default VL / SD")
     if text_depth != depth:
         raise CheckpointError(f"{WHAT}: {depth} visual but {text_depth} text static prompts; the official "
                               f"code builds both with the same prompting_depth")
@@ -188,7 +194,8 @@ def convert(obj: Any, method) -> Imported:
     check_decided(decided, method.cfg, WHAT, evidence)
     _check_levels(obj, method.cfg)
     mapped, dropped = match_keys(obj, RULES, WHAT)
-    return Imported(state=fit_to_method(mapped, method, WHAT), dropped=dropped, decided=decided)
+    return Imported(state=fit_to_method(mapped, method, WHAT), dropped=dropped, decided=decided,
+                    origin=origins(mapped))
 
 
 FORMAT = register(OfficialFormat(method="adaclip", source=SOURCE, detect=detect, convert=convert))
