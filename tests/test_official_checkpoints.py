@@ -145,27 +145,47 @@ def test_faprompt_fp16_and_a_bare_state_dict_load_as_fp32(tokenize, tmp_path, ne
     assert torch.equal(m.prior.linear2.bias, sd["prompt_learner"]["patch_meta_net.linear2.bias"].float())
 
 
-def test_anomalyclip_at_vit_l_shapes_decides_the_config_and_refuses_the_tiny_backbone(tokenize, tmp_path):
-    from zsadx.models.official.anomalyclip import convert
+def official_config(name: str):
+    """configs/methods/NAME.yaml as loaded (not built: its ViT-L weights are not needed here)."""
+    data = load_yaml(f"methods/{name}")
+    return load_config(method_config_type(data, "method"), data=data)
 
-    sd = anomalyclip_file(tokenize, d=VIT_L["text_width"], n_ctx=12, depth=9, length=4)
-    m = method("anomalyclip-tiny")
-    with pytest.raises(CheckpointError, match=r"768 wide.*text width 64"):
-        convert(sd, m)
-    file = save(sd, tmp_path / "epoch_15.pth")
-    with pytest.raises(CheckpointError, match=r"epoch_15\.pth: .*768 wide"):
-        method("anomalyclip-tiny").load_checkpoint(str(file))
 
-    # the layout alone (what the shapes decide), without a backbone of that width
-    class FakeBackbone:
-        text_width = 768
-    class Fake:
-        backbone, cfg = FakeBackbone(), m.cfg
-    sd["prompt_learner"].pop("tokenized_prompts_pos")  # no EOT check without the method's sentences
-    out = convert(sd, Fake())
+class AtVitL:
+    """A method at ViT-L-14-336's widths (text 768, embedding 768) without its weights: the
+    official config, zsadx's sentences, and the trainable shapes zsadx builds at those widths."""
+
+    def __init__(self, cfg, tokenize, sentences, shapes):
+        self.cfg = cfg
+        self.backbone = type("Widths", (), {"text_width": 768, "embed_dim": 768})()
+        self.prompts = type("Sentences", (), {"ids": tokenize(sentences)})()
+        self.shapes = shapes
+
+    def trainable_state_dict(self):
+        return {k: torch.zeros(s) for k, s in self.shapes.items()}
+
+
+def test_anomalyclip_at_vit_l_shapes_fits_the_official_config(tokenize):
+    from zsadx.models.official import convert_official
+
+    sd = anomalyclip_file(tokenize, d=768, n_ctx=12, depth=9, length=4)
+    x = " ".join(["X"] * 12)
+    shapes = {"prompts.ctx_pos": (12, 768), "prompts.ctx_neg": (12, 768),
+              **{f"prompts.deep.tokens.{j}": (4, 768) for j in range(8)}}
+    fake = AtVitL(official_config("anomalyclip"), tokenize, [f"{x} object.", f"{x} damaged object."], shapes)
+    fmt, out = convert_official(sd, fake)
+    assert fmt.method == "anomalyclip"
     assert out.decided == {"n_ctx": 12, "deep_depth": 9, "deep_length": 4}
-    assert out.state["prompts.ctx_pos"].shape == (12, 768) and out.state["prompts.deep.tokens.7"].shape == (4, 768)
+    assert {k: tuple(v.shape) for k, v in out.state.items()} == shapes
+    assert torch.equal(out.state["prompts.deep.tokens.7"], sd["prompt_learner"]["compound_prompts_text.7"])
     assert len([k for k in out.dropped if k.startswith("compound_prompt_projections.")]) == 16
+
+
+def test_a_vit_l_file_on_the_tiny_backbone_names_both_widths(tokenize, tmp_path):
+    file = save(anomalyclip_file(tokenize, d=768, n_ctx=12, depth=9, length=4), tmp_path / "epoch_15.pth")
+    with pytest.raises(CheckpointError, match=r"epoch_15\.pth: 'ctx_pos' \(1, 1, 12, 768\) is 768 wide.*"
+                                              r"zsadx-tiny-p16 has text width 64"):
+        method("anomalyclip-tiny").load_checkpoint(str(file))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -269,20 +289,20 @@ def test_faprompt_values_land_where_the_official_code_uses_them(tokenize, tmp_pa
         assert torch.equal(emb[b, 0, 1:6], p["ctx_pos"][0, 0])
 
 
-def test_faprompt_at_vit_l_shapes_decides_the_config(tokenize):
-    from zsadx.models.official.faprompt import convert
+def test_faprompt_at_vit_l_shapes_fits_the_official_config(tokenize):
+    from zsadx.models.official import convert_official
 
     sd = faprompt_file(tokenize, d=768, e=768, n_ctx=5, a=10, a_ctx=2, k=10, hidden=768 * 10 // 16, depth=9)
-    sd["prompt_learner"].pop("tokenized_prompts_pos")
-
-    class FakeBackbone:
-        text_width, embed_dim = 768, 768
-    class Fake:
-        backbone, cfg = FakeBackbone(), method("faprompt-tiny").cfg
-    out = convert(sd, Fake())
+    shapes = {"prompts.ctx_pos": (5, 768), "prompts.ctx_neg": (10, 2, 768),
+              **{f"prompts.deep.tokens.{j}": (4, 768) for j in range(8)},
+              "prior.linear1.weight": (480, 7680), "prior.linear1.bias": (480,),
+              "prior.linear2.weight": (768, 480), "prior.linear2.bias": (768,)}
+    x = " ".join(["X"] * 5)
+    fake = AtVitL(official_config("faprompt"), tokenize, [f"{x} object.", f"{x} X X damaged object."], shapes)
+    _, out = convert_official(sd, fake)
     assert out.decided == {"n_ctx": 5, "n_abnormal": 10, "abnormal_ctx": 2, "deep_depth": 9, "deep_length": 4,
                            "dap_topk": 10, "dap_hidden": 480}
-    assert out.state["prior.linear1.weight"].shape == (480, 7680)
+    assert {k: tuple(v.shape) for k, v in out.state.items()} == shapes
 
 
 @pytest.mark.parametrize("override,value", [("dap_topk=3", "dap_topk 4"), ("n_abnormal=10", "n_abnormal 4"),
