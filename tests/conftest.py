@@ -107,3 +107,22 @@ def full_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``zsadx ARGV`` in this process: (exit code, stdout, stderr)."""
+    from zsadx.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def one_error_line(err: str) -> str:
+    """The one line a terminal shows (what a progress bar overwrote with '\\r' is gone)."""
+    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines()]
+    lines = [line for line in lines if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("zsadx ") and ": error: " in lines[0]
+    return lines[0]

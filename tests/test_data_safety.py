@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import one_error_line, run_cli
 from zsadx.cli import main
 from zsadx.data.records import read_manifest
 from zsadx.data.shards import ShardError, iter_tar, load_index, select_shards, write_shards
@@ -29,20 +30,7 @@ from zsadx.errors import UserError
 from zsadx.files import FolderLock
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def one_error_line(err: str) -> str:
-    """The one line a terminal shows (what a progress bar overwrote with '\r' is gone)."""
-    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines()]
-    lines = [line for line in lines if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("zsadx ") and ": error: " in lines[0]
-    return lines[0]
+run = run_cli
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import one_error_line, run_cli
 from zsadx.cli import main
 from zsadx.data import drawing
 from zsadx.data.records import read_manifest
@@ -24,19 +25,7 @@ from zsadx.data.synthetic import make_raw
 CLASSES = ("bottle", "screw")
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines()]
-    lines = [line for line in lines if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("zsadx data") and ": error: " in lines[0]
-    return lines[0]
+run = run_cli
 
 
 def anomalyclip_meta(root: Path, classes=CLASSES) -> dict:
