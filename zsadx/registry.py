@@ -1,7 +1,7 @@
 """One small registry type, used for every kind of plug-in (methods, datasets)."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from zsadx.config import suggest
 from zsadx.errors import UserError

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional

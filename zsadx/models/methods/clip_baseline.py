@@ -7,7 +7,7 @@ probability averaged over layers, the image score the same for the CLS embedding
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -34,8 +34,8 @@ from typing import Any, Mapping
 import torch
 
 from zsadx.models.official import CheckpointError, Imported, OfficialFormat, register
-from zsadx.models.official.adaclip import (Rule, check_decided, consecutive, fit_to_method, indices, match_keys,
-                                          origins)
+from zsadx.models.official.keymap import (Rule, check_decided, consecutive, fit_to_method, indices, match_keys,
+                                         origins)
 
 SOURCE = "cockmake/ACD-CLIP (train.py torch.save of text_adapter / image_adapter)"
 WHAT = "ACD-CLIP official checkpoint"
