@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -57,6 +59,7 @@ class EvalConfig:
     paper_compat: bool = False        # also compute the seeds' own metric variants
     device: str = "auto"
     seed: int = 0
+    progress: bool = True             # a bar per dataset on rank 0, drawn only when stderr is a terminal
 
     def validate(self) -> None:
         if not self.data.shards or not self.data.dataset:
@@ -185,28 +188,30 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     stem = results_stem(cfg)  # hashes the checkpoint: once
     n_images, t_model = 0, 0.0
     amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
-    for b, batch in enumerate(loader):
-        t0 = time.perf_counter()
-        batch["image"] = batch["image"].to(device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            pred = method.predict(batch)
-        maps = pred.maps.float()
-        if not pred.final:
-            maps = upsample(maps, eval_size, cfg.method.align_corners)
-            maps = gaussian_blur(maps, cfg.method.sigma)
-        maps, scores = maps.cpu(), pred.scores.float().cpu()
-        t_model += time.perf_counter() - t0
-        for c in set(batch["cls"]):
-            idx = [i for i, x in enumerate(batch["cls"]) if x == c]
-            acc[c].add(scores[idx], batch["label"][idx], maps[idx] if has_masks else None,
-                       batch["mask"][idx] if has_masks else None, batch=f"{b} (rank {rank})",
-                       has_mask=torch.as_tensor(batch["has_mask"])[idx])
-        n_images += len(batch["label"])
-        if cfg.save_scores:
-            scores_out += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
-                           for k, c, l, s in zip(batch["key"], batch["cls"], batch["label"], scores)]
-        if cfg.save_overlays:
-            _overlays(cfg, Path(cfg.out_dir) / "overlays" / stem, batch, maps, overlays)
+    with progress_bar(cfg, ds.rank_count(), rank) as bar:
+        for b, batch in enumerate(loader):
+            t0 = time.perf_counter()
+            batch["image"] = batch["image"].to(device)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                pred = method.predict(batch)
+            maps = pred.maps.float()
+            if not pred.final:
+                maps = upsample(maps, eval_size, cfg.method.align_corners)
+                maps = gaussian_blur(maps, cfg.method.sigma)
+            maps, scores = maps.cpu(), pred.scores.float().cpu()
+            t_model += time.perf_counter() - t0
+            for c in set(batch["cls"]):
+                idx = [i for i, x in enumerate(batch["cls"]) if x == c]
+                acc[c].add(scores[idx], batch["label"][idx], maps[idx] if has_masks else None,
+                           batch["mask"][idx] if has_masks else None, batch=f"{b} (rank {rank})",
+                           has_mask=torch.as_tensor(batch["has_mask"])[idx])
+            n_images += len(batch["label"])
+            bar.update(len(batch["label"]))
+            if cfg.save_scores:
+                scores_out += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
+                               for k, c, l, s in zip(batch["key"], batch["cls"], batch["label"], scores)]
+            if cfg.save_overlays:
+                _overlays(cfg, Path(cfg.out_dir) / "overlays" / stem, batch, maps, overlays)
     states = {c: a.state() for c, a in acc.items()}
     if world > 1:
         gathered: list[Any] = [None] * world if rank == 0 else None
@@ -246,6 +251,30 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     if world > 1:
         torch.distributed.barrier()
     return results
+
+
+@contextmanager
+def progress_bar(cfg: EvalConfig, total: int, rank: int) -> Iterator[Any]:
+    """A bar over the images this rank evaluates (images/s, ETA), named by the dataset. Drawn by
+    rank 0 only, and only on a terminal: logs and pipes (grid cells, CI) get no carriage returns.
+    An error clears it, so the CLI's one error line stands alone."""
+    from tqdm import tqdm
+
+    shown = cfg.progress and rank == 0 and _is_terminal(sys.stderr)
+    bar = tqdm(total=total, unit="img", desc=f"eval {cfg.data.dataset}", file=sys.stderr, disable=not shown,
+               dynamic_ncols=True)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def check_trained(method, cfg: EvalConfig) -> None:
