@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import pty
 import struct
+import shutil
 import subprocess
 import sys
+import tarfile
 import termios
 from pathlib import Path
 
@@ -71,3 +74,44 @@ def test_bar_on_a_terminal_and_off_with_progress_false(shards, tmp_path):
     assert rc == 0, term
     assert f"eval {DATASET}" not in term and "img/s" not in term and "%" not in term
     assert f"{DATASET}: {images} images" in out
+
+
+def screen_lines(received: str) -> list[str]:
+    """The non-blank lines a terminal shows: each '\\r' returns to column 0 and what follows
+    overwrites what was there (a bar that was not cleared leaves its tail visible)."""
+    shown = []
+    for line in received.replace("\r\n", "\n").split("\n"):
+        screen = ""
+        for part in line.split("\r"):
+            screen = part + screen[len(part):]
+        if screen.strip():
+            shown.append(screen.rstrip())
+    return shown
+
+
+def garble_last_test_json(shards: Path, copy: Path) -> Path:
+    """A copy of the shards whose last test sample (evaluated last) has its json member cut short."""
+    shutil.copytree(shards, copy)
+    index = json.loads((copy / "index.json").read_text())
+    group = [g for g in index["groups"] if g["dataset"] == DATASET and g["split"] == "test"][-1]
+    tar_path = copy / group["shards"][-1]["name"]
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    last = [m.name for m, _ in members if m.name.endswith(".json")][-1]
+    with tarfile.open(tar_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            if m.name == last:
+                data = b'{"label": 0, '
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    return tar_path
+
+
+def test_an_error_during_the_loop_leaves_one_line_on_the_terminal(shards, tmp_path):
+    tar_path = garble_last_test_json(shards, tmp_path / "s")
+    rc, term, out = eval_on_terminal(eval_argv(tmp_path / "s", tmp_path / "e", "data.batch_size=1"))
+    assert rc == 2, term
+    assert f"eval {DATASET}" in term  # the bar was drawn, then cleared
+    (line,) = screen_lines(term)
+    assert line.startswith("zsadx eval: error: ") and str(tar_path) in line, term
+    assert out == ""
