@@ -74,6 +74,8 @@ def test_bar_on_a_terminal_and_off_with_progress_false(shards, tmp_path):
     assert rc == 0, term
     assert f"eval {DATASET}" not in term and "img/s" not in term and "%" not in term
     assert f"{DATASET}: {images} images" in out
+    # The bar does not change what is computed: the same cell, the same results file name.
+    assert [p.name for p in (tmp_path / "off").glob("*.json")] == [p.name for p in (tmp_path / "on").glob("*.json")]
 
 
 def screen_lines(received: str) -> list[str]:
