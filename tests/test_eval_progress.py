@@ -9,14 +9,13 @@ import pty
 import struct
 import shutil
 import subprocess
-import sys
 import tarfile
 import termios
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_shards, run_cli, subprocess_env
+from conftest import REPO, launch_cmd, make_shards, run_cli, subprocess_env
 
 DATASET = "mvtec-ad"
 SMALL = ["method.backbone.image_size=64", "data.num_workers=0", "data.batch_size=2"]
@@ -32,12 +31,12 @@ def eval_argv(shards: Path, out: Path, *overrides: str) -> list[str]:
             "--out", str(out), *SMALL, *overrides]
 
 
-def eval_on_terminal(argv: list[str]) -> tuple[int, str, str]:
-    """``python -m zsadx ARGV`` with stderr on a real pseudo-terminal (120 columns): (exit code,
-    what the terminal received, stdout)."""
+def eval_on_terminal(argv: list[str], processes: int = 1) -> tuple[int, str, str]:
+    """``python -m zsadx ARGV`` (under ``accelerate launch`` with several processes) with stderr on
+    a real pseudo-terminal (120 columns): (exit code, what the terminal received, stdout)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "zsadx", *argv], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(launch_cmd(processes, "zsadx", *argv), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=slave, env=subprocess_env(), cwd=REPO)
     os.close(slave)
     received = b""
@@ -117,3 +116,13 @@ def test_an_error_during_the_loop_leaves_one_line_on_the_terminal(shards, tmp_pa
     (line,) = screen_lines(term)
     assert line.startswith("zsadx eval: error: ") and str(tar_path) in line, term
     assert out == ""
+
+
+def test_under_two_processes_only_rank_0_draws_its_share(shards, tmp_path):
+    rc, term, out = eval_on_terminal(eval_argv(shards, tmp_path / "e"), processes=2)
+    assert rc == 0, term
+    images = json.loads(next((tmp_path / "e").glob("*-mvtec-ad.json")).read_text())["images"]
+    share = images // 2  # rank 0's slice of the samples (EvalShards.rank_count)
+    bars = [line for line in screen_lines(term) if f"eval {DATASET}" in line]
+    assert len(bars) == 1 and f"{share}/{share}" in bars[0], term  # one bar, not one per rank
+    assert f"{DATASET}: {images} images" in out
