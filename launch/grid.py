@@ -284,7 +284,8 @@ def expand(cfg: GridConfig) -> Plan:
                                       f"seed{seed}" + (f"-{shots}shot" if shots else ""))
                 ecfg = load_config(EvalConfig, data={"method": load_yaml(m.config)}, overrides=[
                     *method_over, f"method.shots={shots}", *cfg.eval_overrides, f"seed={seed}",
-                    f"data.shards={cfg.shards}", f"data.dataset={dataset}", f"out_dir={folder}"])
+                    f"data.shards={cfg.shards}", f"data.dataset={dataset}", f"out_dir={folder}",
+                    "progress=false"])  # cells log to files (debug: beside the grid's own progress lines)
                 if tcell is not None:  # the trained method's own config, so the checkpoint fits
                     ecfg.method = load_config(TrainConfig, data=tcell.config).method
                     ecfg.method.shots = shots

@@ -76,6 +76,7 @@ def test_without_train_normal_the_old_layout_still_works_and_shots_fail_in_one_l
     assert rc == 2
     line = one_error_line(err)
     assert "few-shot needs 1 normal 'train' images of class 'widget'" in line and "hold 0" in line
+    assert "train/normal/" in line  # the error says how to give the folder dataset references
 
 
 @pytest.mark.parametrize("left", ["train/normal", "train"])

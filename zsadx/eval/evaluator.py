@@ -324,7 +324,9 @@ def sample_references(shards: str, dataset: str, classes: list[str], shots: int,
                     raw[sample["__key__"]] = (ref.path, sample)
         if len(raw) < shots:
             raise ShardError(f"few-shot needs {shots} normal '{split}' images of class '{c}' in {dataset}, "
-                             f"the shards hold {len(raw)}: use a dataset with a train split or shots=0")
+                             f"the shards hold {len(raw)}: use a dataset with a train split (your own images: put normal "
+                             f"references in <root>/train/normal/ of the folder dataset, convert and shard again) "
+                             f"or shots=0")
         chosen = sorted(random.Random(f"{seed}/{dataset}/{c}").sample(sorted(raw), shots))
         refs[c] = torch.stack([decode_sample(raw[k][1], transform, raw[k][0])["image"] for k in chosen])
         keys[c] = chosen
