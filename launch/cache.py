@@ -14,7 +14,6 @@ or process is gone reads as ``lost`` instead of running forever (see :class:`Liv
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import shutil
 import socket
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from launch.grid import EvalCell, TrainCell, digest
-from zsadx.files import FolderLock, atomic_write_json
+from zsadx.files import FolderLock, atomic_write_json, hash_file
 
 MARKER = "cell.json"
 MARKER_LOCK = ".cell.lock"
@@ -40,11 +39,7 @@ def file_sha(path: Path) -> Optional[str]:
     # (`rsync -a`, `cp -p`) are hashed again; ctime cannot be set back.
     k = (str(path), st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
     if k not in _sha_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _sha_cache[k] = h.hexdigest()[:16]
+        _sha_cache[k] = hash_file(path).hexdigest()[:16]
     return _sha_cache[k]
 
 

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import getpass
+import hashlib
 import json
 import os
 import socket
@@ -90,6 +91,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj, **kwargs) -> Path:
     return atomic_write_text(path, json.dumps(obj, **kwargs))
+
+
+def hash_file(path: str | os.PathLike, digest=None, algorithm: str = "sha256"):
+    """Feed a file's bytes into ``digest`` (a new ``algorithm`` digest when None) in 1 MiB blocks;
+    returns the digest, so several files can go into one."""
+    digest = digest if digest is not None else hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,5 +232,5 @@ def resolve_within(root: str | os.PathLike, relative: str | os.PathLike, what: s
 
 
 __all__ = ["OWNER_FILE", "FolderLock", "UserError", "atomic_target", "atomic_write_bytes", "atomic_write_json",
-           "atomic_write_text", "disk_full", "is_temp_name", "mark_owned", "owner_kind", "resolve_within",
+           "atomic_write_text", "disk_full", "hash_file", "is_temp_name", "mark_owned", "owner_kind", "resolve_within",
            "safe_component", "temp_path"]

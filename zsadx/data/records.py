@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
+
+from zsadx.files import hash_file
 
 MANIFEST = "manifest.jsonl"
 SUMMARY = "summary.json"
@@ -51,12 +52,8 @@ def mask_threshold_of(records: Iterable[Record]) -> Optional[Union[int, list]]:
     return None if not values else values[0] if len(values) == 1 else values
 
 
-def file_sha1(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
+def file_sha1(path: str | os.PathLike) -> str:
+    return hash_file(path, algorithm="sha1").hexdigest()
 
 
 def write_manifest(records: Iterable[Record], path: str | os.PathLike) -> int:

@@ -27,6 +27,7 @@ import torch
 
 from zsadx.config import ConfigError, save_resolved, to_dict
 from zsadx.eval.metrics import ClassMetrics, mean_over_classes
+from zsadx.files import hash_file
 from zsadx.models.methods.base import MethodConfig, build_method, method_field
 from zsadx.models.scoring import gaussian_blur, upsample
 
@@ -120,9 +121,7 @@ def checkpoint_identity(path: Optional[str]) -> Optional[str]:
         files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
         for f in files:
             digest.update(str(f.relative_to(root)).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file(f, digest)
     except OSError:
         return str(path)
     return digest.hexdigest()

@@ -24,7 +24,6 @@ repository (e.g. AnomalyCLIP's ``epoch_15.pth``) is recognised and converted in 
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any, Optional
 import torch
 
 from zsadx.errors import UserError
+from zsadx.files import hash_file
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ def save_method_checkpoint(method, path: str | os.PathLike) -> Path:
 
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path).hexdigest()
 
 
 def weights_sha256(pretrained: Optional[str]) -> Optional[str]:

@@ -22,7 +22,6 @@ about the ones it skips (a truncated or damaged file, a half-written folder).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -36,7 +35,8 @@ import numpy as np
 import torch
 
 from zsadx.errors import DiskFullError, UserError
-from zsadx.files import atomic_write_bytes, atomic_write_json, atomic_write_text, disk_full, is_temp_name
+from zsadx.files import (atomic_write_bytes, atomic_write_json, atomic_write_text, disk_full, hash_file,
+                         is_temp_name)
 from zsadx.models.checkpoints import CheckpointError, safe_load, to_bytes
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,7 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 # ------------------------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hash_file(path).hexdigest()
 
 
 def write_manifest(folder: Path, step: int) -> None:
