@@ -112,6 +112,22 @@ def nearest_mask(mask: Image.Image, size: int, threshold: int = 0) -> Image.Imag
     return binary if not size or binary.size == (size, size) else binary.resize((size, size), Image.NEAREST)
 
 
+def normalise(images: torch.Tensor, mean: tuple[float, float, float] = OPENAI_MEAN,
+              std: tuple[float, float, float] = OPENAI_STD) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 normalised with mean/std, on the images' device.
+
+    Loaders hand over uint8 so that workers only decode and the device does the arithmetic;
+    float images are taken as already normalised and returned unchanged. The formula is the one
+    :meth:`EvalTransform.image` uses ((v / 255 - mean) / std in float32), so both paths agree to
+    float rounding.
+    """
+    if images.dtype != torch.uint8:
+        return images
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
 @dataclass
 class EvalTransform:
     """PIL image (+ mask) -> normalised float tensor (3, S, S) and uint8 mask (S, S) in {0, 1}."""

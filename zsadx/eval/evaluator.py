@@ -28,6 +28,7 @@ import torch
 from zsadx.config import ConfigError, save_resolved, to_dict
 from zsadx.eval.metrics import ClassMetrics, mean_over_classes
 from zsadx.files import hash_file
+from zsadx.tracking import TrackerConfig
 from zsadx.models.methods.base import MethodConfig, build_method, method_field
 from zsadx.models.scoring import gaussian_blur, upsample
 
@@ -61,6 +62,7 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True             # a bar per dataset on rank 0, drawn only when stderr is a terminal
+    tracking: TrackerConfig = field(default_factory=TrackerConfig)
 
     def validate(self) -> None:
         if not self.data.shards or not self.data.dataset:

@@ -297,7 +297,7 @@ def trim_log(out_dir: str | os.PathLike, step: int) -> None:
 
 # Keys a resume may change: how long to train and what to write, not what is computed.
 SAFE_ON_RESUME = ("max_steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "progress",
-                  "tensorboard")
+                  "tensorboard", "tracking")
 # Keys about this invocation, never compared.
 NOT_COMPARED = ("resume", "overwrite", "resume_allow", "out_dir")
 # Keys whose old values live on in the checkpoint's state (optimizer, scheduler, weights): a new

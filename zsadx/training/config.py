@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from zsadx.config import ConfigError, suggest
 from zsadx.models.methods.base import MethodConfig, method_field
+from zsadx.tracking import TrackerConfig
 
 
 @dataclass
@@ -68,6 +69,7 @@ class TrainConfig:
     log_every: int = 10
     tensorboard: bool = False
     progress: bool = True
+    tracking: TrackerConfig = field(default_factory=TrackerConfig)
 
     def validate(self) -> None:
         if not self.data.sources:
