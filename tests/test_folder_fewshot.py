@@ -87,3 +87,61 @@ def test_an_empty_train_normal_or_a_bare_train_folder_adds_nothing(tmp_path, cap
     (root / left).mkdir(parents=True)
     assert run_cli(capsys, "data", "convert", "folder", "--root", root, "--out", tmp_path / "m")[0] == 0
     assert {r.split for r in read_manifest(tmp_path / "m")} == {"test"}
+
+
+# --- `--hold-out N`: seeded normals of the test split become the references ------------------------
+
+def _convert_holding_out(capsys, root, out, count: int, seed: int = 0):
+    return run_cli(capsys, "data", "convert", "folder", "--root", root, "--out", out, "--hold-out", str(count),
+                   "--hold-out-seed", str(seed))
+
+
+def test_hold_out_moves_seeded_normals_into_the_train_split_listed_in_manifest_and_summary(tmp_path, capsys):
+    root = tmp_path / "widget"
+    _own_images(root, references=0)
+    rc, out, err = _convert_holding_out(capsys, root, tmp_path / "m", 2, seed=3)
+    assert rc == 0, err
+    assert "held out 2 normal image(s) per class" in out
+    records = read_manifest(tmp_path / "m")
+    train = sorted(r.key for r in records if r.split == "train")
+    assert len(train) == 2 and all(k.startswith("normal/") for k in train)
+    assert all(r.label == 0 for r in records if r.split == "train")
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["held_out"] == {"per_class": 2, "seed": 3, "keys": {"widget": train}}
+    assert summary["class_counts"]["widget"]["test_normal"] == 1
+    # The draw is seeded: the same seed gives the same keys, and across seeds the draws differ.
+    draws = set()
+    for seed in range(6):
+        assert _convert_holding_out(capsys, root, tmp_path / f"s{seed}", 2, seed=seed)[0] == 0
+        draws.add(tuple(sorted(r.key for r in read_manifest(tmp_path / f"s{seed}") if r.split == "train")))
+    assert tuple(train) in draws and len(draws) > 1
+    assert _convert_holding_out(capsys, root, tmp_path / "again", 2, seed=3)[0] == 0
+    assert sorted(r.key for r in read_manifest(tmp_path / "again") if r.split == "train") == train
+
+
+def test_few_shot_eval_draws_from_the_held_out_normals_which_are_never_scored(tmp_path, capsys):
+    root = tmp_path / "widget"
+    _own_images(root, references=0)
+    assert _convert_holding_out(capsys, root, tmp_path / "m", 1)[0] == 0
+    (held,) = json.loads((tmp_path / "m" / "summary.json").read_text())["held_out"]["keys"]["widget"]
+    assert run_cli(capsys, "data", "shard", tmp_path / "m", "--out", tmp_path / "s", "--size", "64")[0] == 0
+    rc, _, err = _eval(capsys, tmp_path / "s", tmp_path / "r", shots=1)
+    assert rc == 0, err
+    results = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert results["references"]["widget"] == [held]
+    assert results["images"] == 5 and held not in {s["key"] for s in results["scores"]}
+
+
+@pytest.mark.parametrize("count, references, expected", [
+    (3, 0, "hold out at most 2 so the test split keeps a normal one"),
+    (1, 1, "already has a train split"),
+])
+def test_a_hold_out_the_class_cannot_give_is_one_line_and_writes_nothing(tmp_path, capsys, count, references,
+                                                                          expected):
+    root = tmp_path / "widget"
+    _own_images(root, references=references)
+    rc, _, err = _convert_holding_out(capsys, root, tmp_path / "m", count)
+    assert rc == 2
+    line = one_error_line(err)
+    assert "class 'widget'" in line and expected in line
+    assert not (tmp_path / "m" / "manifest.jsonl").exists()

@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
                         "127 for TN3K's JPEG masks, else 0); recorded in the records and the summary")
     c.add_argument("--paper-compat", action="store_true",
                    help="the official loaders' data rules where no option says otherwise (masks cut at > 0)")
+    c.add_argument("--hold-out", type=int, default=0, metavar="N",
+                   help="per class, move N normal test images (seeded) into the train split: few-shot references "
+                        "for data without one, e.g. your own normal/ + anomalous/ folders")
+    c.add_argument("--hold-out-seed", type=int, default=0, metavar="S", help="seed of the --hold-out draw")
     c.add_argument("--workers", type=int, default=4)
     c.set_defaults(func=_convert)
 
@@ -75,7 +79,7 @@ def _convert(args: argparse.Namespace) -> int:
     index, fmt = _index_source(args)
     summary = convert(args.dataset, args.root, args.out, args.variant, workers=args.workers, classes=args.classes,
                       mask_threshold=args.mask_threshold, paper_compat=args.paper_compat, index=index,
-                      index_format=fmt)
+                      index_format=fmt, hold_out=args.hold_out, hold_out_seed=args.hold_out_seed)
     print(format_summary(summary))
     print(f"manifest: {args.out}/manifest.jsonl")
     return 0

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 from zsadx.data.catalog import DatasetEntry
 from zsadx.data.convert.base import (IMAGE_EXTS, OFFICIAL_MASK_THRESHOLD, Candidate, DatasetPlugin, LayoutError,
                                      Problems, record_key)
@@ -283,7 +285,8 @@ def apply_mask_threshold(candidates: Iterable[Candidate], threshold: Optional[in
 def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike, variant: str | None = None,
             workers: int = 4, progress: bool = True, classes: Optional[Sequence[str]] = None,
             mask_threshold: Optional[int] = None, paper_compat: bool = False,
-            index: str | os.PathLike | None = None, index_format: Optional[str] = None) -> dict:
+            index: str | os.PathLike | None = None, index_format: Optional[str] = None,
+            hold_out: int = 0, hold_out_seed: int = 0) -> dict:
     """Convert a raw download into ``out/manifest.jsonl`` + ``out/summary.json``; returns the summary.
 
     ``classes``: convert only these classes of the catalog (a partial download); the summary says
@@ -292,7 +295,9 @@ def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike
     official loaders' value where ``mask_threshold`` is not given. The records and the summary say
     which threshold the conversion used. ``index``: take the records from a prepared index (AnomalyCLIP's
     meta.json, ACD-CLIP's jsonl; ``index_format`` or detected) instead of scanning the layout; ``root``
-    defaults to the folder of a meta.json (:mod:`zsadx.data.convert.prepared`).
+    defaults to the folder of a meta.json (:mod:`zsadx.data.convert.prepared`). ``hold_out``: per
+    class, move that many readable normal test images (drawn with ``hold_out_seed``) into the
+    ``train`` split, the pool few-shot methods draw references from (:func:`hold_out_normals`).
     """
     plugin: DatasetPlugin = get_plugin(dataset)
     entry = plugin.entry
@@ -303,6 +308,10 @@ def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike
         raise ConfigError(f"{entry.name}: unknown variant '{variant}'" + suggest(variant, entry.variants)
                          + f"; variants: {', '.join(entry.variants)}")
     threshold = choose_mask_threshold(entry, mask_threshold, paper_compat)
+    if hold_out < 0:
+        from zsadx.config import ConfigError
+
+        raise ConfigError(f"--hold-out {hold_out}: a number of normal images per class; use 1 or more (0: none)")
     prepared = open_index(index, index_format, root, entry) if index is not None else None
     if prepared is None and root is None:
         raise IndexFileError(f"{entry.name}: give the raw download with --root, or an index prepared for the "
@@ -336,6 +345,7 @@ def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike
         mark_owned(tmp, TEMP_KIND, pid=os.getpid(), host=socket.gethostname())
         try:
             records = _validate_all(root, tmp, final_out, entry, candidates, problems, workers, progress)
+            held_out = hold_out_normals(entry.name, records, hold_out, hold_out_seed) if hold_out else None
             for c in wanted:
                 if not any(r.cls == c for r in records):
                     problems.add(plugin.class_dir(root, c) or root, f"empty class: no readable image of class '{c}'")
@@ -343,6 +353,8 @@ def convert(dataset: str, root: str | os.PathLike | None, out: str | os.PathLike
             summary = summarize(entry, variant, root, records, problems, paper_compat=paper_compat)
             if prepared is not None:
                 summary["index"] = prepared.describe()
+            if held_out is not None:
+                summary["held_out"] = {"per_class": hold_out, "seed": hold_out_seed, "keys": held_out}
             (tmp / SUMMARY).write_text(json.dumps(summary, indent=2))
             install(tmp, final_out)
         finally:
@@ -369,6 +381,37 @@ def _validate_all(root: Path, tmp: Path, final_out: Path, entry: DatasetEntry, c
         raise ValueError(f"{entry.name}: duplicate keys from the parser, e.g. {dup[:3]}")
     records.sort(key=lambda r: (r.cls, r.split, r.key))
     return records
+
+
+class HoldOutError(UserError, ValueError):
+    """``--hold-out`` asked of a class that cannot give it."""
+
+
+def hold_out_normals(dataset: str, records: list[Record], count: int, seed: int) -> dict[str, list[str]]:
+    """Move ``count`` normal test images of every class into the ``train`` split; returns their keys.
+
+    A dataset without a train split (a lab's own ``normal/`` + ``anomalous/`` folders) then gives
+    few-shot methods references that are never scored. The draw is seeded and made over the keys in
+    sorted order, so it does not depend on file-system listing order. A class that already has a
+    train split, or too few normals to keep one in the test split, is refused by name.
+    """
+    rng = np.random.default_rng(seed)
+    chosen: dict[str, list[str]] = {}
+    for cls in sorted({r.cls for r in records}):
+        of_class = [r for r in records if r.cls == cls]
+        if any(r.split == "train" for r in of_class):
+            raise HoldOutError(f"{dataset}: class '{cls}' already has a train split (e.g. train/normal/); "
+                               f"--hold-out is for data without one")
+        normals = sorted((r for r in of_class if r.split == "test" and not r.label), key=lambda r: r.key)
+        if count >= len(normals):
+            raise HoldOutError(f"{dataset}: --hold-out {count} of class '{cls}', which has {len(normals)} normal "
+                               f"images; hold out at most {len(normals) - 1} so the test split keeps a normal one")
+        picked = sorted(rng.choice(len(normals), size=count, replace=False))
+        for i in picked:
+            normals[i].split = "train"
+        chosen[cls] = [normals[i].key for i in picked]
+    records.sort(key=lambda r: (r.cls, r.split, r.key))
+    return chosen
 
 
 def summarize(entry: DatasetEntry, variant: str, root: Path, records: Iterable[Record],
@@ -399,6 +442,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("index"):
         lines.append(f"  records from {summary['index']['format']} index {summary['index']['path']}, "
                      f"paths relative to {summary['root']}")
+    if summary.get("held_out"):
+        h = summary["held_out"]
+        lines.append(f"  held out {h['per_class']} normal image(s) per class as the train split (seed {h['seed']}): "
+                     f"few-shot references, never scored; keys in summary.json")
     if summary.get("subset"):
         lines.append(f"  a subset: {len(summary['classes'])} of {len(summary['catalog_classes'])} classes "
                      f"(missing {', '.join(summary['missing_classes'])})")
