@@ -11,16 +11,19 @@ differs for every method config, checkpoint, dataset, class selection, shot coun
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
+import queue
 import re
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -62,6 +65,9 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     progress: bool = True             # a bar per dataset on rank 0, drawn only when stderr is a terminal
+    # Metrics in a background thread, overlapping loading and the model; false: one stage after the
+    # other (the same results, slower). Neither changes the numbers, so neither is in the file name.
+    pipeline: bool = True
     tracking: TrackerConfig = field(default_factory=TrackerConfig)
 
     def validate(self) -> None:
@@ -178,54 +184,32 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     references, reference_keys = None, {}
     if cfg.method.shots > 0:
         references, reference_keys = sample_references(cfg.data.shards, cfg.data.dataset, classes, cfg.method.shots,
-                                                       cfg.seed, transform, cfg.data.reference_split)
-        references = {c: r.to(device) for c, r in references.items()}
+                                                       cfg.seed, transform, cfg.data.reference_split, device)
     method.prepare(classes, domain, references)
     ds = EvalShards(cfg.data.shards, cfg.data.dataset, cfg.data.classes, cfg.data.split, transform)
-    loader = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    acc = {c: ClassMetrics(c, pixel=has_masks) for c in classes}
-    scores_out: list[dict] = []
-    overlays: dict[str, int] = {}
+    loader = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda")
     stem = results_stem(cfg)  # hashes the checkpoint: once
-    n_images, t_model = 0, 0.0
-    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
+    sink = MetricSink(cfg, {c: ClassMetrics(c, pixel=has_masks) for c in classes}, has_masks,
+                      Path(cfg.out_dir) / "overlays" / stem, rank)
+    clock = StageClock()
     with progress_bar(cfg, ds.rank_count(), rank) as bar:
-        for b, batch in enumerate(loader):
-            t0 = time.perf_counter()
-            batch["image"] = batch["image"].to(device)
-            with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                pred = method.predict(batch)
-            maps = pred.maps.float()
-            if not pred.final:
-                maps = upsample(maps, eval_size, cfg.method.align_corners)
-                maps = gaussian_blur(maps, cfg.method.sigma)
-            maps, scores = maps.cpu(), pred.scores.float().cpu()
-            t_model += time.perf_counter() - t0
-            for c in set(batch["cls"]):
-                idx = [i for i, x in enumerate(batch["cls"]) if x == c]
-                acc[c].add(scores[idx], batch["label"][idx], maps[idx] if has_masks else None,
-                           batch["mask"][idx] if has_masks else None, batch=f"{b} (rank {rank})",
-                           has_mask=torch.as_tensor(batch["has_mask"])[idx])
-            n_images += len(batch["label"])
-            bar.update(len(batch["label"]))
-            if cfg.save_scores:
-                scores_out += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
-                               for k, c, l, s in zip(batch["key"], batch["cls"], batch["label"], scores)]
-            if cfg.save_overlays:
-                _overlays(cfg, Path(cfg.out_dir) / "overlays" / stem, batch, maps, overlays)
+        sink.bar = bar
+        n_images = score_batches(loader, method, cfg, device, eval_size, sink, clock)
+    acc, scores_out = sink.acc, sink.scores
     states = {c: a.state() for c, a in acc.items()}
     if world > 1:
         gathered: list[Any] = [None] * world if rank == 0 else None
-        torch.distributed.gather_object((states, scores_out, n_images, t_model), gathered, dst=0)
+        torch.distributed.gather_object((states, scores_out, n_images, clock), gathered, dst=0)
         if rank != 0:
             torch.distributed.barrier()
             return None
-        for other, sc, n, tm in gathered[1:]:
+        for other, sc, n, other_clock in gathered[1:]:
             for c, st in other.items():
                 acc[c].merge(st)
             scores_out += sc
             n_images += n
-            t_model = max(t_model, tm)
+            clock = clock.slowest(other_clock)
     per_class = {c: a.compute() for c, a in acc.items()}
     mean, undefined = mean_over_classes(per_class)
     results = {"method": cfg.method.name, "dataset": cfg.data.dataset, "domain": domain, "split": cfg.data.split,
@@ -234,8 +218,9 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
                "undefined": undefined, **class_coverage(index, cfg.data.dataset, classes),
                "shots": cfg.method.shots, "references": reference_keys,
                "seconds": round(time.perf_counter() - t_start, 3),
-               "model_seconds": round(t_model, 3),
-               "images_per_second": round(n_images / t_model, 2) if t_model else None,
+               "model_seconds": round(clock.model, 3),
+               "images_per_second": round(n_images / clock.model, 2) if clock.model else None,
+               "stage_seconds": clock.rounded(),
                "config": to_dict(cfg)}
     if has_masks:
         # Anomalous images without a mask: image metrics only (their pixel labels are unknown).
@@ -252,6 +237,195 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     if world > 1:
         torch.distributed.barrier()
     return results
+
+
+# ------------------------------------------------------------------------------------------
+# The batch loop: loading, the model and the metrics as three stages
+# ------------------------------------------------------------------------------------------
+
+# Keys of the results file that are measurements of this run's speed, not of the method.
+TIMING_KEYS = ("seconds", "model_seconds", "images_per_second", "stage_seconds")
+
+
+@dataclass
+class StageClock:
+    """Seconds each stage spent on this rank: waiting for the loader, the model on the device,
+    the metrics (in their own thread when pipelined), and the whole loop from end to end."""
+
+    load: float = 0.0
+    model: float = 0.0
+    metrics: float = 0.0
+    total: float = 0.0
+
+    def slowest(self, other: "StageClock") -> "StageClock":
+        """Stage by stage, the slower rank's time: ranks run side by side."""
+        return StageClock(*(max(a, b) for a, b in zip(vars(self).values(), vars(other).values())))
+
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in vars(self).items()}
+
+
+@dataclass
+class ScoredBatch:
+    """What the model stage hands to the metrics stage: the batch (its image only when overlays
+    need it) with the maps at the evaluation size and the image scores, wherever they were computed."""
+
+    number: int
+    batch: dict
+    maps: torch.Tensor
+    scores: torch.Tensor
+
+
+def score_batches(loader, method, cfg: EvalConfig, device: torch.device, eval_size: int, sink: "MetricSink",
+                  clock: StageClock) -> int:
+    """Every batch through the model, each scored batch to the metrics; returns the images scored.
+
+    With ``cfg.pipeline`` the metrics run in a background thread behind a short queue, so that
+    loading (worker processes), the model (this thread, on the device) and the metrics overlap and
+    the slowest sets the pace; without it each batch is scored and then accumulated in turn. Both
+    accumulate the same batches in the same order, so the results are the same.
+    """
+    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
+    stage = BackgroundStage(sink) if cfg.pipeline else InlineStage(sink)
+    n_images = 0
+    t_loop = time.perf_counter()
+    with stage:
+        batches = iter(loader)
+        for number in itertools.count():
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            clock.load += t1 - t0
+            if batch is None:
+                break
+            maps, scores = score_batch(method, batch, cfg, device, eval_size, amp)
+            clock.model += time.perf_counter() - t1
+            if not cfg.save_overlays:
+                del batch["image"]  # not needed by the metrics: do not hold it in the queue
+            stage.put(ScoredBatch(number, batch, maps, scores))
+            n_images += len(batch["label"])
+    clock.metrics = sink.seconds
+    clock.total = time.perf_counter() - t_loop
+    return n_images
+
+
+def score_batch(method, batch: dict, cfg: EvalConfig, device: torch.device, eval_size: int,
+                amp: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (B, S, S) at the evaluation size, upsampled and smoothed unless the method's are final,
+    and image scores (B,), float32 on the device. The images are normalised there (the loader may
+    hand over uint8)."""
+    from zsadx.data.transforms import normalise
+
+    batch["image"] = normalise(batch["image"].to(device, non_blocking=True))
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        pred = method.predict(batch)
+    maps = pred.maps.float()
+    if not pred.final:
+        maps = upsample(maps, eval_size, cfg.method.align_corners)
+        maps = gaussian_blur(maps, cfg.method.sigma)
+    scores = pred.scores.float()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the model's time is the device's, not that of queueing kernels
+    return maps, scores
+
+
+class MetricSink:
+    """The metrics stage: each scored batch into its classes' accumulators, its scores into the
+    per-image list, its first images into overlays; counts them on the progress bar."""
+
+    def __init__(self, cfg: EvalConfig, acc: dict[str, ClassMetrics], has_masks: bool, overlay_dir: Path,
+                 rank: int):
+        self.cfg, self.acc, self.has_masks, self.overlay_dir, self.rank = cfg, acc, has_masks, overlay_dir, rank
+        self.scores: list[dict] = []
+        self.overlays_done: dict[str, int] = {}
+        self.seconds = 0.0
+        self.bar: Any = None
+
+    def __call__(self, scored: ScoredBatch) -> None:
+        t0 = time.perf_counter()
+        batch = scored.batch
+        maps, scores = scored.maps.cpu(), scored.scores.cpu()
+        for c in set(batch["cls"]):
+            idx = [i for i, x in enumerate(batch["cls"]) if x == c]
+            self.acc[c].add(scores[idx], batch["label"][idx], maps[idx] if self.has_masks else None,
+                            batch["mask"][idx] if self.has_masks else None,
+                            batch=f"{scored.number} (rank {self.rank})",
+                            has_mask=torch.as_tensor(batch["has_mask"])[idx])
+        if self.cfg.save_scores:
+            self.scores += [{"key": k, "cls": c, "label": int(l), "score": float(s)}
+                            for k, c, l, s in zip(batch["key"], batch["cls"], batch["label"], scores)]
+        if self.cfg.save_overlays:
+            _overlays(self.cfg, self.overlay_dir, batch, maps, self.overlays_done)
+        self.seconds += time.perf_counter() - t0
+        if self.bar is not None:
+            self.bar.update(len(batch["label"]))
+
+
+class InlineStage:
+    """The sequential path: each item is worked on at once, in the caller's thread."""
+
+    def __init__(self, work: Callable[[Any], None]):
+        self._work = work
+
+    def put(self, item: Any) -> None:
+        self._work(item)
+
+    def __enter__(self) -> "InlineStage":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class BackgroundStage:
+    """``work(item)`` for each item put, in order, in one background thread behind a bounded queue.
+
+    ``put`` blocks while the queue is full (the slower side sets the pace) and raises the worker's
+    exception once it has failed; leaving the ``with`` block waits for the items still queued and
+    raises it too, so a failure in the thread reaches the caller as the same exception. Neither side
+    can leave the other waiting: a failed worker keeps draining the queue without working, and when
+    the caller fails the items still queued are dropped, not worked on.
+    """
+
+    _END = object()
+
+    def __init__(self, work: Callable[[Any], None], depth: int = 4, name: str = "zsadx-metrics"):
+        self._work = work
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._dropping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if self._error is None and not self._dropping:
+                try:
+                    self._work(item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = exc
+
+    def put(self, item: Any) -> None:
+        self._raise_failure()
+        self._queue.put(item)
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "BackgroundStage":
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._dropping = True  # the caller's error wins; the queued work would be thrown away
+        self._queue.put(self._END)
+        self._thread.join()
+        if exc_type is None:
+            self._raise_failure()
 
 
 @contextmanager
@@ -304,13 +478,16 @@ def class_coverage(index: dict, dataset: str, evaluated: list[str]) -> dict:
 
 
 def sample_references(shards: str, dataset: str, classes: list[str], shots: int, seed: int, transform,
-                      split: str = "train") -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+                      split: str = "train", device: torch.device | str = "cpu",
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """``shots`` normal images per class from the reference split, chosen by a seeded draw over the
-    sorted sample keys (only the chosen ones are decoded). The same on every rank and machine."""
+    sorted sample keys (only the chosen ones are decoded). The same on every rank and machine.
+    The images come back normalised, on ``device``."""
     import random
 
     from zsadx.data.loaders import decode_sample
     from zsadx.data.shards import ShardError, iter_tar, select_shards
+    from zsadx.data.transforms import normalise
 
     refs, keys = {}, {}
     for c in classes:
@@ -329,7 +506,8 @@ def sample_references(shards: str, dataset: str, classes: list[str], shots: int,
                              f"references in <root>/train/normal/ of the folder dataset, convert and shard again) "
                              f"or shots=0")
         chosen = sorted(random.Random(f"{seed}/{dataset}/{c}").sample(sorted(raw), shots))
-        refs[c] = torch.stack([decode_sample(raw[k][1], transform, raw[k][0])["image"] for k in chosen])
+        images = torch.stack([decode_sample(raw[k][1], transform, raw[k][0])["image"] for k in chosen])
+        refs[c] = normalise(images.to(device))
         keys[c] = chosen
     return refs, keys
 
