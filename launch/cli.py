@@ -1,4 +1,4 @@
-"""``zsadx grid plan|run|status GRID`` and ``zsadx table GRID_OR_RUN_DIR``."""
+"""``zsadx grid plan|run|status GRID``, ``zsadx table GRID_OR_RUN_DIR`` and ``zsadx figure GRID``."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,18 @@ def add_parser(sub) -> None:
     t.add_argument("--plot", help="also write a PNG bar chart of the first metric here")
     t.add_argument("--out", help="write the table to this file instead of stdout")
     t.set_defaults(func=_table)
+    f = sub.add_parser("figure", help="the papers' qualitative figure: rows = images, columns = the image, its "
+                                      "ground truth and each method's heat map at a shared colour scale")
+    f.add_argument("grid", help="grid config (grids/NAME) or grid output folder")
+    f.add_argument("--dataset", required=True, help="a dataset the grid evaluated, e.g. visa")
+    f.add_argument("--out", required=True, help="fig.png or fig.pdf (the format follows the extension)")
+    f.add_argument("--images", type=int, default=6, help="rows: anomalous test images drawn seeded (default 6)")
+    f.add_argument("--classes", help="comma-separated: draw only among these classes")
+    f.add_argument("--keys", help="comma-separated sample keys (as in the results files' scores) instead of a draw")
+    f.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    f.add_argument("--methods", help="comma-separated method labels of the grid, in column order (default: all)")
+    f.add_argument("--device", default="auto", help="where the methods run: auto (a GPU if there is one), cpu, cuda")
+    f.set_defaults(func=_figure)
 
 
 def _grid(args: argparse.Namespace) -> int:
@@ -105,11 +117,7 @@ def _table(args: argparse.Namespace) -> int:
     from zsadx.eval import tables
     from zsadx.files import atomic_write_text
 
-    root = Path(args.path)
-    if not root.is_dir():  # a grid config: its output folder
-        from launch.grid import load_grid
-
-        root = Path(load_grid(args.path).out_dir)
+    root = _grid_folder(args.path)
     records = tables.collect(root)
     if not records:
         print(f"no finished evaluations under {root}", file=sys.stderr)
@@ -123,3 +131,50 @@ def _table(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot: {tables.plot(table, args.plot)}")
     return 0
+
+
+def _grid_folder(path: str) -> Path:
+    """A folder as given; a grid config: its output folder."""
+    if Path(path).is_dir():
+        return Path(path)
+    from launch.grid import load_grid
+
+    return Path(load_grid(path).out_dir)
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
+def _figure(args: argparse.Namespace) -> int:
+    from zsadx.eval.figure import draw_figure
+
+    methods = _names(args.methods)
+    if not Path(args.grid).is_dir():  # a grid config: the columns in the grid's order, every cell accounted for
+        from launch.grid import expand, load_grid
+
+        methods = methods or _planned_methods(expand(load_grid(args.grid)), args.dataset)
+    out = draw_figure(_grid_folder(args.grid), args.dataset, args.out, images=args.images,
+                      classes=_names(args.classes), keys=_names(args.keys), seed=args.seed,
+                      methods=methods, device=args.device)
+    print(f"figure: {out}")
+    return 0
+
+
+def _planned_methods(plan, dataset: str) -> list[str] | None:
+    """The grid's methods that evaluate ``dataset``, in the grid's order; a method none of whose
+    cells there is done (not run yet, failed, running) is an error naming one of them."""
+    from launch import cache
+    from zsadx.eval.figure import FigureError
+
+    cells = [c for c in plan.evals if c.dataset == dataset]
+    if not cells:
+        return None  # the figure says which datasets the grid has
+    states = cache.states(cells)
+    methods = list(dict.fromkeys(c.method for c in cells))
+    for m in methods:
+        mine = [c for c in cells if c.method == m]
+        if not any(states[c.id] == "done" for c in mine):
+            raise FigureError(f"cell {mine[0].id} is {states[mine[0].id]}, not done: finish it (`zsadx grid run "
+                              f"{plan.grid.name or 'GRID'}`) or leave method '{m}' out with --methods")
+    return methods

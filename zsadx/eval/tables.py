@@ -47,6 +47,18 @@ def _coverage(res: dict) -> dict:
     return {"classes": tuple(res.get("classes") or ()), "n_catalog": len(catalog), "subset": bool(res.get("subset"))}
 
 
+def parse_cell_id(cell_id: str) -> Optional[tuple[str, str, str, int, int]]:
+    """``eval/<method>/<train_set>/<dataset>/seed<k>[-<n>shot]`` -> (method, train_set, dataset, seed,
+    shots); None for a training cell's id."""
+    parts = cell_id.split("/")
+    if parts[0] != "eval" or len(parts) != 5:
+        return None
+    seed_part = parts[4]
+    seed = int(seed_part.split("-")[0].removeprefix("seed"))
+    shots = int(seed_part.split("-")[1].removesuffix("shot")) if "-" in seed_part else 0
+    return parts[1], parts[2], parts[3], seed, shots
+
+
 def collect(root: str | Path) -> list[Record]:
     """Finished cells under a grid folder (cell markers), else plain results files of ``zsadx eval``."""
     root = Path(root)
@@ -57,14 +69,12 @@ def collect(root: str | Path) -> list[Record]:
             data = json.loads(m.read_text())
             if data.get("status") != "done" or not data.get("result"):
                 continue
-            res = json.loads(Path(data["result"]).read_text())
-            parts = data["id"].split("/")  # eval/<method>/<train_set>/<dataset>/seed<k>[-<n>shot]
-            if parts[0] != "eval":
+            cell = parse_cell_id(data["id"])
+            if cell is None:
                 continue
-            seed_part = parts[4]
-            seed = int(seed_part.split("-")[0][4:])
-            shots = int(seed_part.split("-")[1].removesuffix("shot")) if "-" in seed_part else 0
-            records.append(Record(parts[1], parts[2], parts[3], res.get("domain", "industrial"), seed, shots,
+            method, train_set, dataset, seed, shots = cell
+            res = json.loads(Path(data["result"]).read_text())
+            records.append(Record(method, train_set, dataset, res.get("domain", "industrial"), seed, shots,
                                   res["mean"], **_coverage(res)))
         return records
     for f in sorted(root.rglob("*.json")):

@@ -11,7 +11,10 @@ from zsadx.models.backbone import OPENAI_MEAN, OPENAI_STD
 
 
 def denormalise(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) normalised tensor -> (H, W, 3) uint8."""
+    """(3, H, W) image -> (H, W, 3) uint8: a normalised float tensor, or uint8 pixels as the loaders
+    may hand them over (taken as they are)."""
+    if image.dtype == torch.uint8:
+        return image.permute(1, 2, 0).numpy().copy()
     img = image.float().permute(1, 2, 0).numpy() * np.array(OPENAI_STD) + np.array(OPENAI_MEAN)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
@@ -23,6 +26,20 @@ def jet(values: np.ndarray) -> np.ndarray:
     g = np.clip(1.5 - np.abs(4 * v - 2), 0, 1)
     b = np.clip(1.5 - np.abs(4 * v - 1), 0, 1)
     return (np.stack([r, g, b], -1) * 255).astype(np.uint8)
+
+
+def resize_map(amap: np.ndarray, size: int) -> np.ndarray:
+    """A float map resized bilinearly to size x size (values between the map's own)."""
+    if amap.shape == (size, size):
+        return amap.astype(np.float32)
+    img = Image.fromarray(amap.astype(np.float32)).resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.float32)
+
+
+def colour_bar(height: int, width: int) -> np.ndarray:
+    """The :func:`jet` ramp as a vertical bar, its top the highest value."""
+    ramp = np.linspace(1.0, 0.0, height)[:, None].repeat(width, 1)
+    return jet(ramp)
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, alpha: float = 0.5, vmin: float | None = None,
