@@ -25,11 +25,31 @@ def _main(args: argparse.Namespace) -> int:
     data = {"method": load_yaml(args.method),
             "data": {"shards": args.shards, "dataset": args.dataset, "classes": args.classes},
             "checkpoint": args.checkpoint, "out_dir": args.out}
-    cfg = load_config(EvalConfig, data=data, overrides=args.overrides)
+    cfg = with_tracker_overlays(load_config(EvalConfig, data=data, overrides=args.overrides))
     results = evaluate(cfg)
     if results is not None:
         print(format_results(results))
+        track_results(cfg, results)
     return 0
+
+
+def with_tracker_overlays(cfg):
+    """Trackers show a few overlays: with tracking on and none saved, one per class is saved."""
+    if cfg.tracking.log_with and cfg.tracking.images and not cfg.save_overlays:
+        cfg.save_overlays = 1
+    return cfg
+
+
+def track_results(cfg, results: dict) -> None:
+    """Send an evaluation's results (rank 0's, once evaluate() returned them) to its trackers."""
+    if not cfg.tracking.log_with:
+        return
+    from pathlib import Path
+
+    from zsadx.eval.evaluator import results_stem
+    from zsadx.tracking import log_evaluation
+
+    log_evaluation(cfg.tracking, results, cfg.out_dir, Path(cfg.out_dir) / "overlays" / results_stem(cfg))
 
 
 def format_results(r: dict) -> str:

@@ -9,7 +9,9 @@ Layout of a run folder::
     <out_dir>/checkpoints/step-00000100/  trainer.pt, rng-rank<r>.pt (+ DeepSpeed's optimizer shards),
                                           manifest.json (written last)
     <out_dir>/final.pt                    trainable state + identity of the finished run (for `zsadx eval`)
-    <out_dir>/tensorboard/                optional
+    <out_dir>/trackers/                   tracker files (tracking.log_with; the default tracking.logging_dir)
+    <out_dir>/trackers.json               the wandb / MLflow run ids a resume continues
+    <out_dir>/tensorboard/                written by older zsadx (tensorboard: true)
 
 ``trainer.pt`` holds the method's identity and trainable state (never the frozen backbone), the
 optimizer and scheduler states, the data position (epoch, batch in epoch, global step) and the
@@ -249,7 +251,7 @@ def read_trainer(folder: Path) -> dict:
 # The run folder: one run, one log
 # ------------------------------------------------------------------------------------------
 
-RUN_FILES = ("config.yaml", "method.yaml", "run.json", "train_log.jsonl", "final.pt")
+RUN_FILES = ("config.yaml", "method.yaml", "run.json", "train_log.jsonl", "final.pt", "trackers.json")
 
 
 def holds_run(out_dir: str | os.PathLike) -> Optional[str]:
@@ -270,7 +272,7 @@ def remove_run(out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "tensorboard"):
+    for name in ("checkpoints", "tensorboard", "trackers"):  # trackers/: the default tracking.logging_dir
         shutil.rmtree(out / name, ignore_errors=True)
 
 

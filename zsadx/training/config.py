@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from zsadx.config import ConfigError, suggest
 from zsadx.models.methods.base import MethodConfig, method_field
-from zsadx.tracking import TrackerConfig
+from zsadx.tracking import TrackerConfig, check_installed
 
 
 @dataclass
@@ -63,11 +63,11 @@ class TrainConfig:
     # A folder that holds a run is refused without resume; overwrite=true deletes that run first.
     overwrite: bool = False
     # Dotted keys a resume may change besides the safe ones (max_steps, epochs, checkpoint_every,
-    # keep_checkpoints, log_every, progress, tensorboard); never method.* or optim.* (their old values
+    # keep_checkpoints, log_every, progress, tensorboard, tracking); never method.* or optim.* (their old values
     # live on in the checkpoint's state).
     resume_allow: list[str] = field(default_factory=list)
     log_every: int = 10
-    tensorboard: bool = False
+    tensorboard: bool = False         # deprecated: tracking.log_with=[tensorboard] (an alias of it)
     progress: bool = True
     tracking: TrackerConfig = field(default_factory=TrackerConfig)
 
@@ -98,6 +98,14 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ConfigError(f"'overwrite': true with 'resume': {self.resume}: give one or the other")
         self._validate_resume_allow()
+        if self.tensorboard:
+            check_installed("tensorboard", "tensorboard")
+
+    def trackers(self) -> TrackerConfig:
+        """``tracking``, with the deprecated ``tensorboard: true`` as one more tracker."""
+        if not self.tensorboard or "tensorboard" in self.tracking.log_with:
+            return self.tracking
+        return dataclasses.replace(self.tracking, log_with=[*self.tracking.log_with, "tensorboard"])
 
     def _get(self, dotted: str):
         obj = self

@@ -24,11 +24,13 @@ from typing import Callable, Optional
 
 import torch
 
+from zsadx import tracking
 from zsadx.config import save_resolved, to_dict
 from zsadx.errors import UserError
 from zsadx.files import atomic_write_json
 from zsadx.models.checkpoints import TRAINER_FORMAT
 from zsadx.training import checkpoint as ckpt
+from zsadx.tracking import TrackerConfig
 from zsadx.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers, cpu = [], False
+    trackers = cfg.trackers()
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             # accelerate leaves the backend unset without CUDA, and DeepSpeed then disagrees on the world size.
@@ -56,7 +59,45 @@ def make_accelerator(cfg: TrainConfig):
             # Without cpu=True accelerate silently falls back to DistributedType.NO: no gradient sync.
             cpu = True
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                       kwargs_handlers=handlers, cpu=cpu)
+                       kwargs_handlers=handlers, cpu=cpu, **tracker_arguments(trackers, cfg.out_dir))
+
+
+def tracker_arguments(trackers: TrackerConfig, out_dir: str) -> dict:
+    """Accelerator(log_with=..., project_config=...) for the run's trackers; nothing without any."""
+    if not trackers.log_with:
+        return {}
+    from accelerate.utils import ProjectConfiguration
+
+    where = tracking.logging_dir(trackers, out_dir)
+    return {"log_with": list(dict.fromkeys(trackers.log_with)),
+            "project_config": ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(where))}
+
+
+def start_tracking(acc, cfg: TrainConfig, resume_step: Optional[int]) -> None:
+    """Start the run's trackers on the main process; a resumed run continues its tracker runs."""
+    trackers = cfg.trackers()
+    if not trackers.log_with:
+        return
+    if cfg.tensorboard and acc.is_main_process:
+        log.warning("tensorboard: true is deprecated (it now means tracking.log_with=[tensorboard]); its event "
+                    "files are in %s", tracking.logging_dir(trackers, cfg.out_dir) / trackers.project)
+    ids = tracking.read_run_ids(cfg.out_dir) if resume_step is not None else {}
+    ids = tracking.new_run_ids(trackers, ids)
+    if acc.is_main_process:
+        tracking.prepare_stores(trackers, cfg.out_dir)
+    acc.init_trackers(trackers.project, config=tracking.tracker_config(trackers, to_dict(cfg)),
+                      init_kwargs=tracking.init_kwargs(trackers, cfg.out_dir, "train", ids, resume_step))
+    if acc.is_main_process:
+        tracking.write_run_ids(cfg.out_dir, tracking.started_run_ids(acc.trackers, ids))
+
+
+def train_values(rec: dict, optimizer) -> dict[str, float]:
+    """A log record as tracker scalars ``train/<key>``; the learning rate of every parameter group
+    when there are several (ACD-CLIP's image / text)."""
+    values = {f"train/{k}": v for k, v in rec.items() if k != "step"}
+    if len(optimizer.param_groups) > 1:
+        values.update({f"train/lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)})
+    return tracking.scalars(values)
 
 
 def build_optimizer(cfg: TrainConfig, method) -> torch.optim.Optimizer:
@@ -204,6 +245,7 @@ def _train(cfg: TrainConfig, acc) -> dict:
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
+    from zsadx.data.transforms import normalise
     from zsadx.models.checkpoints import check_identity, method_identity, save_method_checkpoint
     from zsadx.models.methods.base import build_method
     from zsadx.version import code_version
@@ -297,13 +339,7 @@ def _train(cfg: TrainConfig, acc) -> dict:
 
     pre = _Preemption()
     pre.install()
-    writer = None
-    if cfg.tensorboard and acc.is_main_process:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:  # tensorboard is an optional extra
-            raise RuntimeError("tensorboard: true needs `pip install zsadx[tensorboard]`") from exc
-        writer = SummaryWriter(str(out / "tensorboard"))
+    start_tracking(acc, cfg, step if state is not None else None)
     logf = open(out / "train_log.jsonl", "a") if acc.is_main_process else None
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and acc.is_main_process), unit="step",
                desc=f"train {cfg.method.name}")
@@ -320,6 +356,7 @@ def _train(cfg: TrainConfig, acc) -> dict:
                 continue
             with acc.accumulate(model):
                 batch = {k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch["image"] = normalise(batch["image"])  # loaders hand over uint8: the device normalises
                 losses = model(batch)
                 acc.backward(losses["loss"])
                 if acc.sync_gradients and not is_ds:
@@ -347,10 +384,7 @@ def _train(cfg: TrainConfig, acc) -> dict:
                     logf.write(json.dumps(rec) + "\n")
                     logf.flush()
                     bar.set_postfix(loss=f"{loss:.4f}")
-                if writer:
-                    for k, v in rec.items():
-                        if isinstance(v, float) and k not in ("step",):
-                            writer.add_scalar(f"train/{k}", v, step)
+                acc.log(train_values(rec, optimizer), step=step)
                 t_log, samples_since = time.perf_counter(), 0
             if pre.agreed(acc):
                 stopped_by = pre.signum or signal.SIGTERM
@@ -385,8 +419,6 @@ def _train(cfg: TrainConfig, acc) -> dict:
     _on_every_rank(acc, write_final if acc.is_main_process else (lambda: None), out / "final.pt")
     if logf:
         logf.close()
-    if writer:
-        writer.close()
     acc.end_training()
     if stopped_by is not None:
         raise SystemExit(128 + int(stopped_by))
