@@ -1,0 +1,200 @@
+"""Issue 19 goals 3-4 in the evaluator: images normalised on the device, metrics overlapped with
+the model in a background thread (the same results file as one stage after another), and a
+failure on either side of the queue reaching the caller as its one-line error, without a hang."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_shards, one_error_line, run_cli
+from zsadx.config import load_config, load_yaml
+from zsadx.data.transforms import EvalTransform, resize_image
+from zsadx.eval.evaluator import TIMING_KEYS, BackgroundStage, EvalConfig, evaluate, results_name
+
+DATASET = "mvtec-ad"
+CLASSES = ["bottle", "cable", "wood"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return make_shards(tmp_path_factory.mktemp("pipeline"), {DATASET: 2}, size=64)
+
+
+def eval_cfg(shards: Path, out: Path, method: str = "methods/clip-tiny", **over) -> EvalConfig:
+    data = {"method": load_yaml(method), "out_dir": str(out),
+            "data": {"shards": str(shards), "dataset": DATASET, "classes": CLASSES, "batch_size": 2,
+                     "num_workers": 0}}
+    return load_config(EvalConfig, data=data, overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def measured_apart(results: dict) -> dict:
+    """The results without what measures this run's speed, and without the config (which names the
+    switches the runs differ in); the config is compared on its own."""
+    return {k: v for k, v in results.items() if k not in TIMING_KEYS and k != "config"}
+
+
+def saved(out: Path, cfg: EvalConfig) -> dict:
+    return json.loads((out / results_name(cfg)).read_text())
+
+
+def overlay_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "overlays").rglob("*.png"))}
+
+
+def test_pipelined_and_sequential_write_the_same_results_file(shards, tmp_path):
+    piped = eval_cfg(shards, tmp_path / "piped", pipeline="true", save_overlays=1, paper_compat="true",
+                     **{"data.num_workers": 1})
+    sequential = eval_cfg(shards, tmp_path / "seq", pipeline="false", save_overlays=1, paper_compat="true")
+    evaluate(piped)
+    evaluate(sequential)
+    assert results_name(piped) == results_name(sequential)  # the switch does not change the cell
+    a, b = saved(tmp_path / "piped", piped), saved(tmp_path / "seq", sequential)
+    assert a["images"] == b["images"] > 0 and len(a["scores"]) == a["images"]
+    assert measured_apart(a) == measured_apart(b)
+    differ = {k for k in a["config"] if a["config"][k] != b["config"][k]}
+    assert differ == {"pipeline", "data", "out_dir"}
+    assert overlay_bytes(tmp_path / "piped") == overlay_bytes(tmp_path / "seq") != {}
+    for r in (a, b):  # every stage was timed, and the loop took at least as long as its model stage
+        assert set(r["stage_seconds"]) == {"load", "model", "metrics", "total"}
+        assert r["stage_seconds"]["metrics"] > 0 and r["stage_seconds"]["total"] >= r["stage_seconds"]["model"]
+
+
+def eval_argv(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return ["eval", "--method", "methods/clip-tiny", "--shards", str(shards), "--dataset", DATASET,
+            "--classes", *CLASSES, "--out", str(out), "data.num_workers=0", "data.batch_size=2", "save_overlays=1",
+            *overrides]
+
+
+@pytest.mark.parametrize("pipeline", ["true", "false"])
+def test_an_error_in_the_metrics_stage_is_one_line_and_keeps_the_earlier_results(shards, tmp_path, capsys,
+                                                                                   pipeline):
+    """The overlays of the metrics stage cannot be written (a file stands where their folder goes):
+    the same one line as without the pipeline; the results file of an earlier run stays as it was."""
+    rc, _, err = run_cli(capsys, *eval_argv(shards, tmp_path / "first"))
+    assert rc == 0, err
+    (earlier,) = (tmp_path / "first").glob("*.json")
+    out = tmp_path / "again"
+    (out / "overlays").mkdir(parents=True)
+    blocker = out / "overlays" / earlier.stem
+    blocker.write_text("not a folder")
+    kept = out / earlier.name
+    kept.write_bytes(earlier.read_bytes())
+    rc, stdout, err = run_cli(capsys, *eval_argv(shards, out, f"pipeline={pipeline}"))
+    assert rc == 2 and stdout == ""
+    line = one_error_line(err)
+    assert line.startswith("zsadx eval: error: ") and str(blocker) in line
+    assert kept.read_bytes() == earlier.read_bytes()
+    assert blocker.read_text() == "not a folder"
+
+
+def raised_by(fn) -> BaseException | None:
+    """What ``fn`` raises, run in a thread that must end within a minute (else: a deadlock)."""
+    caught: list[BaseException] = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - looked at by the caller
+            caught.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "deadlock: the producer or the worker is still waiting"
+    return caught[0] if caught else None
+
+
+def test_a_failed_worker_raises_its_own_exception_in_the_caller_and_never_blocks_it():
+    boom = RuntimeError("class 'x', batch 2: broken")
+    worked: list[int] = []
+
+    def work(i: int) -> None:
+        if i == 2:
+            raise boom
+        worked.append(i)
+
+    def produce():
+        with BackgroundStage(work, depth=2) as stage:
+            for i in range(500):  # far more than the queue holds: put must not wait on a dead worker
+                stage.put(i)
+
+    err = raised_by(produce)
+    assert err is boom
+    assert worked == [0, 1]  # in order, and nothing after the failure
+
+
+def test_a_failed_caller_ends_the_worker_and_keeps_its_own_exception():
+    seen: list[int] = []
+
+    def produce():
+        with BackgroundStage(seen.append, depth=2) as stage:
+            for i in range(5):
+                stage.put(i)
+            raise KeyError("the loader failed")
+
+    err = raised_by(produce)
+    assert isinstance(err, KeyError)
+    assert seen == list(range(len(seen)))  # what was worked on, was worked on in order
+
+
+def test_the_last_failure_of_the_worker_surfaces_when_leaving():
+    def work(i: int) -> None:
+        if i == 3:
+            raise ValueError(f"item {i}")
+
+    def produce():
+        with BackgroundStage(work) as stage:
+            for i in range(4):  # the failing item is the last one: only leaving can report it
+                stage.put(i)
+
+    err = raised_by(produce)
+    assert str(err) == "item 3"
+
+
+# ------------------------------------------------------------------------------------------
+# Normalisation on the device: uint8 batches give what normalised float batches give
+# ------------------------------------------------------------------------------------------
+
+def uint8_image(self, im: Image.Image) -> torch.Tensor:
+    """What the loader hands over from now on: the resized image as uint8 (3, S, S)."""
+    return torch.from_numpy(np.array(resize_image(im, self.size), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def float_image(self, im: Image.Image) -> torch.Tensor:
+    """The loader before: normalised float32 in the worker, (v / 255 - mean) / std."""
+    v = uint8_image(self, im).float() / 255.0
+    return (v - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+
+@pytest.mark.parametrize("method,shots", [("methods/clip-tiny", 0), ("methods/winclip-tiny", 1)])
+def test_uint8_images_are_normalised_on_the_device(shards, tmp_path, monkeypatch, method, shots):
+    """Batches and few-shot references decoded as uint8 score as the normalised floats do, and the
+    overlays show the same image (they are drawn from the normalised batch)."""
+    runs = {}
+    for name, decode in (("float", float_image), ("uint8", uint8_image)):
+        monkeypatch.setattr(EvalTransform, "image", decode)
+        cfg = eval_cfg(shards, tmp_path / name, method, save_overlays=1, **{"method.shots": shots})
+        runs[name] = evaluate(cfg)
+    f, u = runs["float"], runs["uint8"]
+    assert f["references"] == u["references"] and (not shots or f["references"])
+    assert [s["key"] for s in f["scores"]] == [s["key"] for s in u["scores"]]
+    # Same formula on both sides: only the order of float32 operations may differ.
+    for x, y in zip(f["scores"], u["scores"]):
+        assert y["score"] == pytest.approx(x["score"], rel=1e-5, abs=1e-6)
+    for c in f["per_class"]:
+        for k, v in f["per_class"][c].items():
+            assert u["per_class"][c][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (c, k)
+    a, b = overlay_pixels(tmp_path / "float"), overlay_pixels(tmp_path / "uint8")
+    assert a.keys() == b.keys() and a
+    for name in a:  # a value on a rounding edge may land one step away
+        assert np.abs(a[name] - b[name]).max() <= 1, name
+
+
+def overlay_pixels(out: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p), dtype=int) for p in sorted((out / "overlays").rglob("*.png"))}
