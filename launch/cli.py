@@ -170,11 +170,12 @@ def _planned_methods(plan, dataset: str) -> list[str] | None:
     cells = [c for c in plan.evals if c.dataset == dataset]
     if not cells:
         return None  # the figure says which datasets the grid has
-    states = cache.states(cells)
     methods = list(dict.fromkeys(c.method for c in cells))
     for m in methods:
         mine = [c for c in cells if c.method == m]
-        if not any(states[c.id] == "done" for c in mine):
-            raise FigureError(f"cell {mine[0].id} is {states[mine[0].id]}, not done: finish it (`zsadx grid run "
+        # Done under an older code version (stale) still shows its maps; the figure itself refuses a
+        # cell whose checkpoint or config changed since.
+        if not any(cache.marker_status(c.folder)[0] == "done" for c in mine):
+            raise FigureError(f"cell {mine[0].id} is {cache.state(mine[0])}, not done: finish it (`zsadx grid run "
                               f"{plan.grid.name or 'GRID'}`) or leave method '{m}' out with --methods")
     return methods

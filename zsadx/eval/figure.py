@@ -222,9 +222,9 @@ def read_samples(pool: dict[str, ImageInfo], keys: Sequence[str]) -> dict[str, t
 # ------------------------------------------------------------------------------------------
 # A cell's maps of those images
 # ------------------------------------------------------------------------------------------
-# The set-up and the forward pass are the evaluator's (zsadx.eval.evaluator.evaluate), step for
-# step: the same method build, checkpoint, classes, domain and references, the same upsampling and
-# smoothing, so the maps are those the cell's metrics were computed on.
+# The forward pass is the evaluator's own (score_batch: normalisation on the device, autocast,
+# upsampling and smoothing); the set-up follows evaluate() step for step (method build, checkpoint,
+# classes, domain, seeded references), so the maps are those the cell's metrics were computed on.
 
 def _device(name: str) -> torch.device:
     if name == "auto":
@@ -236,7 +236,7 @@ def prepared_method(cfg, device: torch.device):
     """The cell's method on ``device``, its checkpoint loaded, prepared for the dataset as the
     evaluator prepares it (classes, domain and the seeded few-shot references)."""
     from zsadx.data.shards import load_index
-    from zsadx.data.transforms import EvalTransform, normalise
+    from zsadx.data.transforms import EvalTransform
     from zsadx.eval.evaluator import check_trained, sample_references
     from zsadx.models.methods.base import build_method
 
@@ -253,8 +253,7 @@ def prepared_method(cfg, device: torch.device):
     if cfg.method.shots > 0:
         transform = EvalTransform(size=size, mask_resize=cfg.data.mask_resize, mask_size=eval_size)
         references, _ = sample_references(cfg.data.shards, cfg.data.dataset, classes, cfg.method.shots, cfg.seed,
-                                          transform, cfg.data.reference_split)
-        references = {c: normalise(r.to(device)) for c, r in references.items()}
+                                          transform, cfg.data.reference_split, device)
     method.prepare(classes, domain, references)
     return method, classes
 
@@ -264,25 +263,11 @@ def _sizes(cfg) -> tuple[int, int]:
     return size, cfg.method.eval_size or size
 
 
-def predict_maps(method, cfg, batch: dict, device: torch.device) -> torch.Tensor:
-    """(N, E, E) float maps on the CPU at the evaluation size, as the evaluator scores them."""
-    from zsadx.data.transforms import normalise
-    from zsadx.models.scoring import gaussian_blur, upsample
-
-    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
-    batch = {**batch, "image": normalise(batch["image"].to(device))}
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        pred = method.predict(batch)
-    maps = pred.maps.float()
-    if not pred.final:
-        maps = gaussian_blur(upsample(maps, _sizes(cfg)[1], cfg.method.align_corners), cfg.method.sigma)
-    return maps.cpu()
-
-
 def cell_maps(cell: Cell, cfg, samples: Sequence[tuple[str, dict]], device: torch.device) -> list[np.ndarray]:
     """The cell's heat map of each sample, in order."""
     from zsadx.data.loaders import collate, decode_sample
     from zsadx.data.transforms import EvalTransform
+    from zsadx.eval.evaluator import score_batch
 
     method, classes = prepared_method(cfg, device)
     size, eval_size = _sizes(cfg)
@@ -292,10 +277,11 @@ def cell_maps(cell: Cell, cfg, samples: Sequence[tuple[str, dict]], device: torc
     if outside:
         raise FigureError(f"cell {cell.id} evaluated classes {', '.join(classes)} only; image '{outside[0]}' is "
                           f"of another: pick images of those classes (--classes, --keys)")
+    amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
     maps = []
     for lo in range(0, len(decoded), cfg.data.batch_size):
-        batch = collate(decoded[lo:lo + cfg.data.batch_size])
-        maps += [m.numpy() for m in predict_maps(method, cfg, batch, device)]
+        batch_maps, _ = score_batch(method, collate(decoded[lo:lo + cfg.data.batch_size]), cfg, device, eval_size, amp)
+        maps += [m.numpy() for m in batch_maps.cpu()]
     return maps
 
 
