@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from zsadx.data.shards import ShardError, ShardRef, iter_tar, select_shards
+from zsadx.data.shards import ShardError, ShardRef, decode_raw, iter_tar, select_shards
 from zsadx.data.transforms import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -46,21 +46,38 @@ def worker() -> tuple[int, int]:
 
 
 def decode_sample(sample: dict[str, bytes], transform: EvalTransform, shard: str = "") -> dict:
-    """Tar sample -> {'image', 'mask', 'label', 'cls', 'dataset', 'domain', 'key', 'has_mask'}."""
+    """Tar sample -> {'image', 'mask', 'label', 'cls', 'dataset', 'domain', 'key', 'has_mask'}.
+
+    ``image`` is uint8 (3, S, S), not normalised (:func:`zsadx.data.transforms.normalise` runs on the
+    device): a worker only decodes, and a quarter of float32's bytes crosses the worker pipe.
+    """
     key = sample.get("__key__", "?")
     try:
         meta = json.loads(sample["json"])
-        img_ext = next(k for k in sample if k.startswith("img."))
-        with Image.open(io.BytesIO(sample[img_ext])) as im:
-            image = transform.image(im)
-        soft = Image.open(io.BytesIO(sample["mask.png"])) if "mask.png" in sample else None
-        hard = Image.open(io.BytesIO(sample["maskn.png"])) if "maskn.png" in sample else None
-        mask = transform.mask(soft, hard)
+        image = transform.pixels(_image(sample))
+        mask = transform.mask(_mask(sample, "mask"), _mask(sample, "maskn"))
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt sample
         raise ShardError(f"{shard}: corrupt sample '{key}' ({type(exc).__name__}: {exc})") from exc
     return {"image": image, "mask": mask, "label": int(meta["label"]), "cls": meta["cls"],
             "dataset": meta["dataset"], "domain": meta["domain"], "key": meta["key"],
             "has_mask": bool(meta["has_mask"])}
+
+
+def _image(sample: dict[str, bytes]) -> Image.Image | np.ndarray:
+    """The sample's image: uint8 (H, W, 3) pixels from a raw member, else the decoded PIL image."""
+    if "img.npy" in sample:
+        return decode_raw(sample["img.npy"], 3)
+    ext = next(k for k in sample if k.startswith("img."))
+    with Image.open(io.BytesIO(sample[ext])) as im:
+        im.load()
+    return im
+
+
+def _mask(sample: dict[str, bytes], name: str) -> Image.Image | None:
+    """A stored mask (``mask``: bilinear coverage, ``maskn``: nearest) as a lazily decoded image, or None."""
+    if f"{name}.npy" in sample:
+        return Image.fromarray(decode_raw(sample[f"{name}.npy"], 1), "L")
+    return Image.open(io.BytesIO(sample[f"{name}.png"])) if f"{name}.png" in sample else None
 
 
 class EvalShards(IterableDataset):
@@ -123,12 +140,24 @@ class MixtureSource:
 
 
 def collate(samples: list[dict]) -> dict:
+    """Samples -> a batch: tensors stacked, ints and bools as tensors, the rest as lists."""
     out = {}
     for k in samples[0]:
         vals = [s[k] for s in samples]
-        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else (
+        out[k] = _stack(vals) if isinstance(vals[0], torch.Tensor) else (
             torch.tensor(vals) if isinstance(vals[0], (int, bool)) else vals)
     return out
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stacked; in a DataLoader worker straight into shared memory (as torch's default collate
+    does), so the batch crosses the worker pipe without another copy."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=first.device)
+    out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
 
 
 class TrainMixture(IterableDataset):

@@ -130,7 +130,8 @@ def normalise(images: torch.Tensor, mean: tuple[float, float, float] = OPENAI_ME
 
 @dataclass
 class EvalTransform:
-    """PIL image (+ mask) -> normalised float tensor (3, S, S) and uint8 mask (S, S) in {0, 1}."""
+    """PIL image (+ mask) -> uint8 pixels (3, S, S) (loaders) or a normalised float tensor (3, S, S)
+    (``zsadx predict``), and a uint8 mask (S, S) in {0, 1}."""
 
     size: int = 518
     mask_resize: MaskResize = "bilinear"
@@ -138,7 +139,18 @@ class EvalTransform:
     mean: tuple[float, float, float] = OPENAI_MEAN
     std: tuple[float, float, float] = OPENAI_STD
 
+    def pixels(self, im: Image.Image | np.ndarray) -> torch.Tensor:
+        """The image resized to S x S as uint8 (3, S, S), not normalised: what the loaders yield
+        (:func:`normalise` runs on the device). ``im``: a PIL image or uint8 (H, W, 3) pixels."""
+        if isinstance(im, np.ndarray):
+            im = im if im.shape[:2] == (self.size, self.size) else Image.fromarray(im, "RGB")
+        arr = im if isinstance(im, np.ndarray) else np.asarray(resize_image(im, self.size))
+        # One copy that also turns HWC into CHW: the batch stack is then a plain memcpy.
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
     def image(self, im: Image.Image) -> torch.Tensor:
+        """Normalised float (3, S, S), computed on the CPU (``zsadx predict``); equal to
+        ``normalise(self.pixels(im))`` to float rounding."""
         arr = np.asarray(resize_image(im, self.size), dtype=np.float32) / 255.0
         t = torch.from_numpy(arr).permute(2, 0, 1)
         mean = torch.tensor(self.mean).view(3, 1, 1)
