@@ -10,18 +10,25 @@ Definitions (those of scikit-learn and of the MVTec / anomalib AUPRO):
   over all background pixels of the class; the curve over every distinct threshold, starting at
   (0, 0), is integrated up to FPR = 0.3 (linear interpolation at the limit) and divided by 0.3.
 
-How (``curve_metrics``): scores become 32-bit keys whose unsigned order is the float order.
-Negative (background) pixels are kept as bare keys, positive pixels as (key, region id) pairs --
-positives are a few percent of the pixels. Negatives are sorted once (one ``np.sort`` of uint32,
-in place), positives separately; one descending pass over the sorted keys, chunk by chunk, merges
-the two, collapses ties and accumulates all four metrics with int64 counts. Memory is 4 bytes per
-negative pixel plus 8 per positive, and nothing of the size of the class is ever float64.
+How: TPR, precision and PRO change only at a distinct *positive* score (a "level"); between two
+levels only negatives join, which moves FPR along a flat stretch. So every metric follows exactly
+from, per level u: the positives below u, the negatives >= u and > u, and the PRO weight >= u
+(:class:`Levels`). Negatives -- nearly all the pixels -- are only sorted (one sort, in place) and
+searched at the levels; nothing per pixel is grouped, merged or turned into float64. AUROC is the
+Mann-Whitney count in integers (equal to the trapezoid), the rest is float64 over the levels.
+
+Where the state lives: ``ClassMetrics(name, device=None)`` keeps float32 numpy arrays on the CPU;
+``device=<torch device>`` keeps torch tensors there (e.g. on the evaluator's GPU) and does the sort,
+the searches and the PRO scan there too. Only the per-level summary (a few arrays of the number of
+distinct positive scores) comes to the host for the final sums, which both paths share.
+``state()`` is always host numpy (picklable for ``gather_object``), ``merge()`` takes it onto
+the accumulator's own device. Region labelling (scipy, 8-connected) runs on the host masks.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -29,8 +36,11 @@ FPR_LIMIT = 0.3
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
 METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
+STATE_FORMAT = 2                                  # float32 scores (1: uint32 keys, before the level counts)
 _SIGN = np.uint32(0x80000000)
 _EIGHT = np.ones((3, 3), dtype=bool)
+_EIGHT_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)  # 8-connected within an image, never across images
+_EIGHT_IN_PLANE[1] = True
 
 
 class MetricInputError(ValueError):
@@ -65,6 +75,14 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(n)
 
 
+def label_batch(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of each mask of a (B, H, W) stack, numbered on across the images."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(masks, structure=_EIGHT_IN_PLANE)
+    return labels.astype(np.int32, copy=False), int(n)
+
+
 @dataclass
 class CurveResult:
     auroc: float
@@ -73,141 +91,227 @@ class CurveResult:
     aupro: float = math.nan
 
 
-def _group(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct keys and their counts of an ascending array."""
-    if sorted_keys.size == 0:
-        return sorted_keys, np.zeros(0, np.int64)
-    starts = np.flatnonzero(np.diff(sorted_keys)) + 1
-    starts = np.concatenate([[0], starts])
-    counts = np.diff(np.append(starts, sorted_keys.size))
-    return sorted_keys[starts], counts
+# ------------------------------------------------------------------------------------------
+# From scores to levels (per backend), from levels to metrics (shared)
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class Levels:
+    """Per distinct positive score u, ascending (host int64 / float64 arrays, one entry per level)."""
+
+    n_neg: int
+    n_pos: int
+    pos_below: np.ndarray            # positives < u (where u's first copy sits in the sorted positives)
+    neg_ge: np.ndarray               # negatives >= u: false positives at threshold u
+    neg_gt: np.ndarray               # negatives > u: false positives just above u
+    pro_ge: Optional[np.ndarray]     # PRO at threshold u (PRO weight of the positives >= u); None: no AUPRO
 
 
-def _merge(nk: np.ndarray, nc: np.ndarray, pk: np.ndarray, pc: np.ndarray,
-           pw: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Merge distinct negative keys (+counts) with distinct positive keys (+counts, +weights).
+class _NumpyOps:
+    """The array operations of the host path (numpy); ``_TorchOps`` mirrors them on a device."""
 
-    Both key arrays are sorted and duplicate-free, the positive one small. Returns the merged keys
-    with negative counts, positive counts and positive weights per key (zeros where absent).
-    """
-    if pk.size == 0:
-        z = np.zeros(nk.size, np.int64)
-        return nk, nc, z, (np.zeros(nk.size) if pw is not None else None)
-    idx = np.searchsorted(nk, pk)
-    present = (idx < nk.size) & (nk[np.minimum(idx, nk.size - 1)] == pk) if nk.size else np.zeros(pk.size, bool)
-    new = ~present
-    n_new = int(new.sum())
-    total = nk.size + n_new
-    # Where each new key lands in the merged array, and where the old ones move to.
-    new_pos = idx[new] + np.arange(n_new)
-    is_new = np.zeros(total, bool)
-    is_new[new_pos] = True
-    old_pos = np.flatnonzero(~is_new)
-    keys = np.empty(total, nk.dtype)
-    keys[old_pos] = nk
-    keys[new_pos] = pk[new]
-    negc = np.zeros(total, np.int64)
-    negc[old_pos] = nc
-    pos_at = np.empty(pk.size, np.int64)
-    pos_at[new] = new_pos
-    pos_at[present] = old_pos[idx[present]] if present.any() else pos_at[present]
-    posc = np.zeros(total, np.int64)
-    posc[pos_at] = pc
-    wsum = None
-    if pw is not None:
-        wsum = np.zeros(total, np.float64)
-        wsum[pos_at] = pw
-    return keys, negc, posc, wsum
+    device = None
+
+    def floats(self, x) -> np.ndarray:
+        return _np(x).astype(np.float32, copy=False)
+
+    def host(self, x) -> np.ndarray:
+        return x
+
+    def from_host(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def copy(self, x: np.ndarray) -> np.ndarray:
+        return x.copy()
+
+    def empty(self, n: int, dtype) -> np.ndarray:
+        return np.empty(n, dtype)
+
+    def cast(self, x: np.ndarray, dtype) -> np.ndarray:
+        return x.astype(dtype, copy=False)
+
+    def all_finite(self, x: np.ndarray) -> bool:
+        # min/max propagate NaN and show +-inf: two reductions, no boolean array of the batch's size
+        return x.size == 0 or bool(np.isfinite(x.min()) and np.isfinite(x.max()))
+
+    def sort_in_place(self, x: np.ndarray) -> np.ndarray:
+        x.sort()
+        return x
+
+    def sorted_with(self, values: np.ndarray, weights: Optional[np.ndarray]):
+        if weights is None:
+            return np.sort(values), None
+        order = np.argsort(values)
+        return values[order], weights[order]
+
+    def group_starts(self, sorted_values: np.ndarray) -> np.ndarray:
+        changes = np.empty(sorted_values.size, bool)
+        changes[:1] = True
+        np.not_equal(sorted_values[1:], sorted_values[:-1], out=changes[1:])
+        return np.flatnonzero(changes)
+
+    def count_below(self, sorted_values: np.ndarray, levels: np.ndarray, or_equal: bool) -> np.ndarray:
+        return np.searchsorted(sorted_values, levels, side="right" if or_equal else "left").astype(np.int64)
+
+    def cumsum0(self, w: np.ndarray) -> np.ndarray:
+        out = np.empty(w.size + 1, np.float64)
+        out[0] = 0.0
+        np.cumsum(w, out=out[1:])
+        return out
 
 
-def curve_metrics(neg_keys: np.ndarray, pos_keys: np.ndarray, pos_weights: Optional[np.ndarray] = None,
-                  chunk: int = 1 << 22) -> CurveResult:
-    """Exact metrics from negative keys (sorted in place) and positive keys (+ PRO weight each).
+class _TorchOps(_NumpyOps):
+    """The same operations on torch tensors on one device (a GPU, or the CPU for tests)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self._dtypes = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                        np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
+                        np.dtype(bool): torch.bool}
+
+    def _dtype(self, dtype):
+        return self._dtypes[np.dtype(dtype)]
+
+    def floats(self, x):
+        t = x.detach() if isinstance(x, self.torch.Tensor) else self.torch.as_tensor(np.asarray(x))
+        return t.to(self.device, self.torch.float32)
+
+    def host(self, x) -> np.ndarray:
+        return x.cpu().numpy()
+
+    def from_host(self, a: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def copy(self, x):
+        return x.clone()
+
+    def empty(self, n: int, dtype):
+        return self.torch.empty(n, dtype=self._dtype(dtype), device=self.device)
+
+    def cast(self, x, dtype):
+        return x.to(self._dtype(dtype))
+
+    def all_finite(self, x) -> bool:
+        return bool(self.torch.isfinite(x).all())
+
+    def sort_in_place(self, x):
+        return self.torch.sort(x).values
+
+    def sorted_with(self, values, weights):
+        s = self.torch.sort(values)
+        return s.values, (weights[s.indices] if weights is not None else None)
+
+    def group_starts(self, sorted_values):
+        changes = self.torch.ones(sorted_values.numel(), dtype=self.torch.bool, device=self.device)
+        changes[1:] = sorted_values[1:] != sorted_values[:-1]
+        return self.torch.nonzero(changes).flatten()
+
+    def count_below(self, sorted_values, levels, or_equal: bool):
+        return self.torch.searchsorted(sorted_values, levels, right=or_equal)
+
+    def cumsum0(self, w):
+        out = self.torch.zeros(w.numel() + 1, dtype=self.torch.float64, device=self.device)
+        self.torch.cumsum(w.to(self.torch.float64), 0, out=out[1:])
+        return out
+
+
+_NUMPY = _NumpyOps()
+
+
+def levels(ops: _NumpyOps, neg_sorted, pos, weights=None) -> Levels:
+    """The per-level summary of ascending negatives and (unsorted) positives with their PRO weights.
+
+    Everything of the size of the pixels stays in ``ops``' arrays; what comes back to the host has
+    one entry per distinct positive score."""
+    n_neg, n_pos = int(neg_sorted.shape[0]), int(pos.shape[0])
+    pos, weights = ops.sorted_with(pos, weights)
+    starts = ops.group_starts(pos)
+    at = pos[starts]
+    pro_ge = None
+    if weights is not None:
+        cw = ops.cumsum0(weights)
+        pro_ge = ops.host(cw[-1] - cw[starts]).astype(np.float64, copy=False)
+    return Levels(n_neg=n_neg, n_pos=n_pos, pos_below=ops.host(starts).astype(np.int64, copy=False),
+                  neg_ge=n_neg - ops.host(ops.count_below(neg_sorted, at, or_equal=False)).astype(np.int64),
+                  neg_gt=n_neg - ops.host(ops.count_below(neg_sorted, at, or_equal=True)).astype(np.int64),
+                  pro_ge=pro_ge)
+
+
+def metrics_from_levels(lv: Levels) -> CurveResult:
+    n_neg, n_pos = lv.n_neg, lv.n_pos
+    pos_at = np.diff(lv.pos_below, append=n_pos)           # positives scoring exactly u
+    tp = n_pos - lv.pos_below                               # true positives at threshold u
+    # AUROC as Mann-Whitney: each positive beats the negatives below it, ties count half (doubled:
+    # integers throughout, one division at the end).
+    wins2 = int(np.dot(pos_at, 2 * n_neg - lv.neg_ge - lv.neg_gt))
+    auroc = wins2 / (2 * n_pos * n_neg)
+    precision = tp / (tp + lv.neg_ge)
+    ap = float(np.sum(pos_at * precision) / n_pos)
+    # F1 = 2PR / (P + R) = 2 TP / (TP + FP + P_total); for each TP the fewest FP is at the level itself.
+    f1 = float(np.max(2 * tp / (tp + lv.neg_ge + n_pos)))
+    aupro = _aupro(lv) if lv.pro_ge is not None else math.nan
+    return CurveResult(auroc=auroc, ap=ap, f1_max=f1, aupro=aupro)
+
+
+def _aupro(lv: Levels) -> float:
+    """Thresholds descend through the levels: between two levels only negatives join (FPR grows at
+    the PRO of the level above), at a level its negatives and positives join in one straight step.
+    So the curve is the polyline (0, 0), then per level from the top (FPR just above it, PRO above
+    it), (FPR at it, PRO at it), and finally (1, total PRO)."""
+    m = lv.neg_ge.size
+    pro = lv.pro_ge[::-1]
+    xs, ys = np.empty(2 * m + 2), np.empty(2 * m + 2)
+    xs[0] = ys[0] = ys[1] = 0.0
+    xs[1:-1:2] = lv.neg_gt[::-1] / lv.n_neg
+    xs[2:-1:2] = lv.neg_ge[::-1] / lv.n_neg
+    xs[-1] = 1.0
+    ys[3:-1:2] = pro[:-1]
+    ys[2:-1:2] = pro
+    ys[-1] = pro[-1]
+    return _area_up_to(xs, ys, FPR_LIMIT) / FPR_LIMIT
+
+
+def _area_up_to(xs: np.ndarray, ys: np.ndarray, limit: float) -> float:
+    """Trapezoidal area under a polyline with non-decreasing xs (from <= limit to > limit), cut at ``limit``."""
+    j = int(np.argmax(xs > limit))
+    x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
+    x = np.append(xs[:j], limit)
+    y = np.append(ys[:j], y0 + (y1 - y0) * (limit - x0) / (x1 - x0))
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
+
+
+def _curve(ops: _NumpyOps, neg_sorted, pos, weights=None) -> CurveResult:
+    if neg_sorted.shape[0] == 0 or pos.shape[0] == 0:
+        return CurveResult(math.nan, math.nan, math.nan, math.nan)
+    return metrics_from_levels(levels(ops, neg_sorted, pos, weights))
+
+
+def curve_metrics(neg: np.ndarray, pos: np.ndarray, pos_weights: Optional[np.ndarray] = None) -> CurveResult:
+    """Exact metrics from negative and positive scores (any numpy dtype with the order wanted:
+    float32 scores or ``sortable_keys``); ``neg`` is sorted in place.
 
     ``pos_weights`` (float64, one per positive) are the AUPRO increments 1 / (|C_k| * K); omit them
     for image-level metrics. Returns NaN for every metric that is undefined (no positive or no
     negative sample).
     """
-    n_neg, n_pos = int(neg_keys.size), int(pos_keys.size)
-    if n_neg == 0 or n_pos == 0:
-        return CurveResult(math.nan, math.nan, math.nan, math.nan)
-    neg_keys.sort()
-    order = np.argsort(pos_keys, kind="stable")
-    pk = pos_keys[order]
-    pw = pos_weights[order] if pos_weights is not None else None
+    return _curve(_NUMPY, _NUMPY.sort_in_place(neg), pos, pos_weights)
 
-    auroc = ap = 0.0
-    f1 = 0.0
-    pro_area, pro_done = 0.0, pos_weights is None
-    tp = fp = 0                     # running counts (python ints: exact)
-    pro = 0.0
-    prev_fpr = prev_tpr = 0.0
-    prev_pro_fpr = prev_pro = 0.0
-    hi_n, hi_p = n_neg, n_pos       # unprocessed prefix ends (ascending arrays, we walk downwards)
-    while hi_n > 0 or hi_p > 0:
-        # Next chunk of negatives, cut at a tie-group boundary; the positives with keys in range.
-        if hi_n > 0:
-            lo_n = max(0, hi_n - chunk)
-            if lo_n > 0:
-                lo_n = int(np.searchsorted(neg_keys[:hi_n], neg_keys[lo_n], side="left"))
-            floor_key = neg_keys[lo_n] if lo_n > 0 else None
-        else:
-            lo_n, floor_key = 0, None
-        if floor_key is None:
-            lo_p = 0
-        else:
-            lo_p = int(np.searchsorted(pk[:hi_p], floor_key, side="left"))
-        nk, nc = _group(neg_keys[lo_n:hi_n])
-        pkc, pc = _group(pk[lo_p:hi_p])
-        w_per_key = None
-        if not pro_done and pkc.size:
-            starts = np.concatenate([[0], np.flatnonzero(np.diff(pk[lo_p:hi_p])) + 1])
-            w_per_key = np.add.reduceat(pw[lo_p:hi_p], starts)
-        elif not pro_done:
-            w_per_key = np.zeros(0)
-        keys, negc, posc, wsum = _merge(nk, nc, pkc, pc, w_per_key)
-        # Descending thresholds.
-        negc, posc = negc[::-1], posc[::-1]
-        tps = tp + np.cumsum(posc)
-        fps = fp + np.cumsum(negc)
-        fpr = fps / n_neg
-        tpr = tps / n_pos
-        # AUROC: trapezoids between consecutive distinct thresholds.
-        fpr_prev = np.concatenate([[prev_fpr], fpr[:-1]])
-        tpr_prev = np.concatenate([[prev_tpr], tpr[:-1]])
-        auroc += float(np.sum((fpr - fpr_prev) * (tpr + tpr_prev)) / 2.0)
-        # AP (step-wise) and F1-max.
-        precision = tps / (tps + fps)
-        ap += float(np.sum((tpr - tpr_prev) * precision))
-        denom = precision + tpr
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f1s = np.where(denom > 0, 2 * precision * tpr / np.where(denom > 0, denom, 1), 0.0)
-        f1 = max(f1, float(f1s.max(initial=0.0)))
-        # AUPRO, until the FPR limit is passed.
-        if not pro_done:
-            pros = pro + np.cumsum(wsum[::-1])
-            xs = np.concatenate([[prev_pro_fpr], fpr])
-            ys = np.concatenate([[prev_pro], pros])
-            over = np.flatnonzero(xs > FPR_LIMIT)
-            if over.size:
-                j = int(over[0])
-                x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
-                y_lim = y0 + (y1 - y0) * (FPR_LIMIT - x0) / (x1 - x0)
-                xs = np.concatenate([xs[:j], [FPR_LIMIT]])
-                ys = np.concatenate([ys[:j], [y_lim]])
-                pro_done = True
-            pro_area += float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1])) / 2.0)
-            pro = float(pros[-1])
-            prev_pro_fpr, prev_pro = float(fpr[-1]), pro
-        tp, fp = int(tps[-1]), int(fps[-1])
-        prev_fpr, prev_tpr = float(fpr[-1]), float(tpr[-1])
-        hi_n, hi_p = lo_n, lo_p
-    aupro = math.nan
-    if pos_weights is not None:
-        if not pro_done:  # the curve ends at FPR = 1 >= 0.3, so this cannot happen; keep it safe
-            raise AssertionError("AUPRO curve did not reach the FPR limit")
-        aupro = pro_area / FPR_LIMIT
-    return CurveResult(auroc=auroc, ap=ap, f1_max=f1, aupro=aupro)
+
+def _consolidate(ops: _NumpyOps, parts: list, dtype):
+    """One array of the pieces, each piece let go once copied (peak: the total plus one piece)."""
+    if len(parts) == 1:
+        return ops.cast(parts[0], dtype)
+    out = ops.empty(sum(int(p.shape[0]) for p in parts), dtype)
+    at = 0
+    parts.reverse()
+    while parts:
+        piece = parts.pop()
+        out[at:at + piece.shape[0]] = piece
+        at += piece.shape[0]
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -216,20 +320,30 @@ def curve_metrics(neg_keys: np.ndarray, pos_keys: np.ndarray, pos_weights: Optio
 
 @dataclass
 class ClassMetrics:
-    """Streaming state of one class: image scores and, for pixel metrics, keys and regions."""
+    """Streaming state of one class: image scores and, for pixel metrics, scores and regions.
+
+    ``device=None`` keeps the state as numpy on the host; a torch device (``"cuda"``,
+    ``torch.device("cuda", 1)``, ``"cpu"``...) keeps it as torch tensors there: inputs on any
+    device are moved there, and the reduction runs there (see the module notes).
+    """
 
     name: str
     pixel: bool = True
+    device: Any = None
     image_scores: list = field(default_factory=list)
     image_labels: list = field(default_factory=list)
-    _neg: list = field(default_factory=list)      # uint32 keys of background pixels
-    _pos: list = field(default_factory=list)      # uint32 keys of region pixels
+    _neg: list = field(default_factory=list)      # float32 scores of background pixels
+    _pos: list = field(default_factory=list)      # float32 scores of region pixels
     _reg: list = field(default_factory=list)      # int32 global region id of each region pixel
     _sizes: list = field(default_factory=list)    # int64 pixel count of each region
     n_regions: int = 0
     n_masks: int = 0
     pixel_excluded: int = 0                       # anomalous images without a mask: no pixel ground truth
     batches: int = 0
+    _ops: _NumpyOps = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._ops = _NUMPY if self.device is None else _TorchOps(self.device)
 
     def add(self, image_scores, labels, maps=None, masks=None, batch: int | str | None = None,
             has_mask=None) -> None:
@@ -240,74 +354,81 @@ class ClassMetrics:
         are left out of every pixel metric rather than counted as normal; it still counts for the
         image metrics. Omitted, every mask is taken as ground truth.
         """
+        ops = self._ops
         where = f"class '{self.name}', batch {batch if batch is not None else self.batches}"
-        s = _np(image_scores).astype(np.float32, copy=False).reshape(-1)
-        y = _np(labels).reshape(-1)
-        if s.shape != y.shape:
-            raise MetricInputError(f"{where}: {s.size} image scores for {y.size} labels")
-        if not np.isfinite(s).all():
+        s = ops.floats(image_scores).reshape(-1)
+        y = _np(labels).reshape(-1).astype(bool)
+        if tuple(s.shape) != y.shape:
+            raise MetricInputError(f"{where}: {s.shape[0]} image scores for {y.size} labels")
+        if not ops.all_finite(s):
             raise MetricInputError(f"{where}: image scores hold NaN or inf")
-        self.image_scores.append(s.copy())
-        self.image_labels.append(y.astype(bool))
         if maps is not None and self.pixel:
-            m = _np(maps)
-            if m.dtype not in (np.float16, np.float32):
-                m = m.astype(np.float32)
-            g = _np(masks) if masks is not None else None
-            if g is None:
+            m = ops.floats(maps)
+            if masks is None:
                 raise MetricInputError(f"{where}: anomaly maps given without masks")
-            if m.shape != g.shape or m.ndim != 3:
+            g = _np(masks)
+            if tuple(m.shape) != g.shape or m.ndim != 3:
                 raise MetricInputError(f"{where}: maps {tuple(m.shape)} and masks {tuple(g.shape)} must both be (B,H,W)")
-            if m.shape[0] != s.size:
-                raise MetricInputError(f"{where}: {m.shape[0]} maps for {s.size} images")
-            if not np.isfinite(m).all():
+            if m.shape[0] != y.size:
+                raise MetricInputError(f"{where}: {m.shape[0]} maps for {y.size} images")
+            if not ops.all_finite(m):
                 raise MetricInputError(f"{where}: anomaly maps hold NaN or inf")
-            g = g.astype(bool, copy=False)
-            keys = sortable_keys(m)
-            known = _pixel_truth_known(y, has_mask, where)
-            for i in range(m.shape[0]):
-                if not known[i]:
-                    self.pixel_excluded += 1
-                    continue
-                gi = g[i]
-                if not gi.any():
-                    self._neg.append(keys[i].reshape(-1))
-                    continue
-                regions, n = label_regions(gi)
-                self._neg.append(keys[i][~gi])
-                self._pos.append(keys[i][gi])
-                self._reg.append(regions[gi] - 1 + self.n_regions)
-                self._sizes.append(np.bincount(regions[gi], minlength=n + 1)[1:].astype(np.int64))
-                self.n_regions += n
-                self.n_masks += 1
+            self._add_pixels(m, g.astype(bool, copy=False), _pixel_truth_known(y, has_mask, where))
+        self.image_scores.append(ops.copy(s))
+        self.image_labels.append(ops.from_host(y))
         self.batches += 1
+
+    def _add_pixels(self, maps, masks: np.ndarray, known: np.ndarray) -> None:
+        """Background scores to ``_neg``; region scores to ``_pos`` with their region ids (host labels)."""
+        ops = self._ops
+        self.pixel_excluded += int((~known).sum())
+        if not known.all():
+            maps, masks = maps[ops.from_host(known)], masks[known]
+        if maps.shape[0] == 0:
+            return
+        if not masks.any():
+            self._neg.append(ops.copy(maps.reshape(-1)))
+            return
+        regions, n = label_batch(masks)
+        in_region = regions[masks]                   # row-major, in the order of maps[masks]
+        g = ops.from_host(masks)
+        self._neg.append(maps[~g])
+        self._pos.append(maps[g])
+        self._reg.append(ops.from_host(in_region - 1 + self.n_regions))
+        self._sizes.append(ops.from_host(np.bincount(in_region, minlength=n + 1)[1:].astype(np.int64)))
+        self.n_regions += n
+        self.n_masks += int(masks.reshape(len(masks), -1).any(1).sum())
 
     # -- results --------------------------------------------------------------------------
     def image_metrics(self) -> CurveResult:
-        s = np.concatenate(self.image_scores) if self.image_scores else np.zeros(0, np.float32)
-        y = np.concatenate(self.image_labels) if self.image_labels else np.zeros(0, bool)
-        k = sortable_keys(s)
-        return curve_metrics(k[~y].copy(), k[y])
+        ops = self._ops
+        if not self.image_scores:
+            return CurveResult(math.nan, math.nan, math.nan, math.nan)
+        s = _consolidate(ops, list(self.image_scores), np.float32)
+        y = _consolidate(ops, list(self.image_labels), bool)
+        return _curve(ops, ops.sort_in_place(s[~y]), s[y])
 
     def pixel_metrics(self) -> CurveResult:
+        ops = self._ops
         if not self._neg and not self._pos:
             return CurveResult(math.nan, math.nan, math.nan, math.nan)
-        neg = np.concatenate(self._neg) if self._neg else np.zeros(0, np.uint32)
-        self._neg = [neg]  # one buffer, sorted in place below (compute may be called again)
-        pos = np.concatenate(self._pos) if self._pos else np.zeros(0, np.uint32)
+        neg = ops.sort_in_place(_consolidate(ops, self._neg, np.float32)) if self._neg else ops.empty(0, np.float32)
+        self._neg = [neg]  # one sorted buffer (compute may be called again)
+        pos = _consolidate(ops, list(self._pos), np.float32) if self._pos else ops.empty(0, np.float32)
         if self.n_regions == 0:
-            return curve_metrics(neg, pos)
-        reg = np.concatenate(self._reg)
-        sizes = np.concatenate(self._sizes)
-        weights = 1.0 / (sizes[reg].astype(np.float64) * self.n_regions)
-        return curve_metrics(neg, pos, weights)
+            return _curve(ops, neg, pos)
+        reg = _consolidate(ops, list(self._reg), np.int64)
+        sizes = _consolidate(ops, list(self._sizes), np.int64)
+        weights = 1.0 / (ops.cast(sizes[reg], np.float64) * self.n_regions)
+        return _curve(ops, neg, pos, weights)
 
     def arrays(self) -> dict:
-        """The raw state, for the paper-compatible variants."""
-        return {"neg": np.concatenate(self._neg) if self._neg else np.zeros(0, np.uint32),
-                "pos": np.concatenate(self._pos) if self._pos else np.zeros(0, np.uint32),
-                "reg": np.concatenate(self._reg) if self._reg else np.zeros(0, np.int32),
-                "sizes": np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)}
+        """The raw state on the host, scores as ``sortable_keys``, for the paper-compatible variants."""
+        def host(parts: list, dtype) -> np.ndarray:
+            return np.concatenate([self._ops.host(p) for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
+
+        return {"neg": sortable_keys(host(self._neg, np.float32)), "pos": sortable_keys(host(self._pos, np.float32)),
+                "reg": host(self._reg, np.int32), "sizes": host(self._sizes, np.int64)}
 
     def compute(self) -> dict[str, float]:
         img = self.image_metrics()
@@ -317,21 +438,29 @@ class ClassMetrics:
             out.update(pixel_auroc=px.auroc, pixel_ap=px.ap, pixel_f1_max=px.f1_max, pixel_aupro=px.aupro)
         return out
 
+    _LISTS = ("image_scores", "image_labels", "_neg", "_pos", "_reg", "_sizes")
+    _COUNTS = ("n_regions", "n_masks", "pixel_excluded", "batches")
+
     def state(self) -> dict:
-        """Picklable state for gathering across ranks."""
-        return {k: getattr(self, k) for k in ("name", "pixel", "image_scores", "image_labels", "_neg", "_pos",
-                                               "_reg", "_sizes", "n_regions", "n_masks", "pixel_excluded",
-                                               "batches")}
+        """Picklable state for gathering across ranks: host numpy arrays, whatever the device."""
+        st = {"format": STATE_FORMAT, "name": self.name, "pixel": self.pixel}
+        st.update({k: [self._ops.host(a) for a in getattr(self, k)] for k in self._LISTS})
+        st.update({k: getattr(self, k) for k in self._COUNTS})
+        return st
 
     def merge(self, other: "ClassMetrics | dict") -> None:
-        """Append another accumulator's state (region ids are re-numbered after ours)."""
+        """Append another accumulator's state (region ids are re-numbered after ours), onto our device."""
         st = other.state() if isinstance(other, ClassMetrics) else other
-        self.image_scores += st["image_scores"]
-        self.image_labels += st["image_labels"]
-        self._neg += st["_neg"]
-        self._pos += st["_pos"]
-        self._reg += [r + self.n_regions for r in st["_reg"]]
-        self._sizes += st["_sizes"]
+        if st.get("format") != STATE_FORMAT:
+            raise MetricInputError(f"class '{self.name}': metric state of format {st.get('format', 1)}, this "
+                                   f"zsadx reads format {STATE_FORMAT}: gather states from one zsadx version")
+        to_here = self._ops.from_host
+        self.image_scores += [to_here(a) for a in st["image_scores"]]
+        self.image_labels += [to_here(a) for a in st["image_labels"]]
+        self._neg += [to_here(a) for a in st["_neg"]]
+        self._pos += [to_here(a) for a in st["_pos"]]
+        self._reg += [to_here(r + self.n_regions) for r in st["_reg"]]
+        self._sizes += [to_here(a) for a in st["_sizes"]]
         self.n_regions += st["n_regions"]
         self.n_masks += st["n_masks"]
         self.pixel_excluded += st.get("pixel_excluded", 0)
