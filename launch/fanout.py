@@ -63,9 +63,10 @@ def _executor(plan: Plan, folder: Path, gpus: int = 0, dependency: Optional[str]
     return ex
 
 
-def _spec(cell, key: Optional[str], processes: int = 1, cluster: str = "debug", fresh: bool = False) -> dict:
+def _spec(cell, key: Optional[str], processes: int = 1, cluster: str = "debug", fresh: bool = False,
+          grid: str = "") -> dict:
     spec = {"id": cell.id, "folder": str(cell.folder), "config": cell.config, "key": key, "method": cell.method,
-            "train_set": cell.train_set, "seed": cell.seed, "cluster": cluster,
+            "train_set": cell.train_set, "seed": cell.seed, "cluster": cluster, "grid": grid,  # tracker tags
             "token": uuid.uuid4().hex}  # this submission, in the markers its job writes
     if isinstance(cell, TrainCell):
         spec.update(kind="train", processes=processes, fresh=fresh)
@@ -96,6 +97,7 @@ class Todo:
     no_data: list[str] = field(default_factory=list)          # their datasets are not sharded
     after_job: dict[str, str] = field(default_factory=dict)   # eval id -> SLURM job of its running training
     fresh: set[str] = field(default_factory=set)              # training cells that start their run over
+    grid: str = ""                                            # the grid's name (tracker runs group by it)
 
 
 def _left_alone(cell, t: Todo, force: bool, live: cache.Liveness, no_data) -> bool:
@@ -119,7 +121,7 @@ def _left_alone(cell, t: Todo, force: bool, live: cache.Liveness, no_data) -> bo
 def todo(plan: Plan, force: bool = False, states: Optional[dict[str, str]] = None,
          no_data: frozenset[str] | set[str] = frozenset()) -> Todo:
     states = states if states is not None else cache.states([*plan.train, *plan.evals])
-    t, live = Todo([], [], states), cache.Liveness()
+    t, live = Todo([], [], states, grid=plan.grid.name or Path(plan.grid.out_dir).name), cache.Liveness()
     for c in plan.train:
         if not _left_alone(c, t, force, live, no_data) and (force or states[c.id] != "done"):
             t.train.append(c)
@@ -195,12 +197,12 @@ def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
     tex = _executor(plan, folder, g.slurm.gpus_per_node, nodes=g.slurm.nodes)
     train_jobs = {}
     for c in t.train:
-        (job,) = _submit_array(tex, [_spec(c, None, procs, "slurm", c.id in t.fresh)])
+        (job,) = _submit_array(tex, [_spec(c, None, procs, "slurm", c.id in t.fresh, t.grid)])
         train_jobs[c.id] = job
     by_job: dict[Optional[str], list[dict]] = {}  # one array per training job they wait for
     for c in t.evals:
         job = str(train_jobs[c.train.id].job_id) if c.train is not None and c.train.id in train_jobs else None
-        by_job.setdefault(job or t.after_job.get(c.id), []).append(_spec(c, None, cluster="slurm"))
+        by_job.setdefault(job or t.after_job.get(c.id), []).append(_spec(c, None, cluster="slurm", grid=t.grid))
     eval_jobs = []
     for job, specs in by_job.items():
         ex = _executor(plan, folder, dependency=f"afterany:{job}" if job else None)
@@ -212,9 +214,9 @@ def _run_slurm(plan: Plan, t: Todo, folder: Path, log) -> list[str]:
 
 def _run_debug(t: Todo, progress: "Progress") -> None:
     """In this process, in order; failures stay in the markers (and are reported at the end)."""
-    for spec in [_spec(c, None, 1, fresh=c.id in t.fresh) for c in t.train]:
+    for spec in [_spec(c, None, 1, fresh=c.id in t.fresh, grid=t.grid) for c in t.train]:
         _run_here(spec, progress)
-    for spec in [_spec(c, None) for c in _after_training(t.evals, progress)]:
+    for spec in [_spec(c, None, grid=t.grid) for c in _after_training(t.evals, progress)]:
         _run_here(spec, progress)
 
 
@@ -230,13 +232,13 @@ def _run_here(spec: dict, progress: "Progress") -> None:
 def _run_local(plan: Plan, t: Todo, folder: Path, progress: "Progress") -> list[str]:
     """Stage after stage, in this call; the machine's cores are split between the jobs."""
     cores = os.cpu_count() or 1
-    tspecs = [{**_spec(c, None, 1, "local", c.id in t.fresh), "threads": max(1, cores // max(1, len(t.train)))} for c in t.train]
+    tspecs = [{**_spec(c, None, 1, "local", c.id in t.fresh, t.grid), "threads": max(1, cores // max(1, len(t.train)))} for c in t.train]
     jobs = _submit_array(_executor(plan, folder), tspecs)
     watch([c.folder for c in t.train], progress)
     _reap(jobs)
     evals = _after_training(t.evals, progress)
     n = max(1, min(len(evals), cores))
-    specs = [{**_spec(c, None, cluster="local"), "threads": max(1, cores // n)} for c in evals]
+    specs = [{**_spec(c, None, cluster="local", grid=t.grid), "threads": max(1, cores // n)} for c in evals]
     eval_jobs = []
     if specs:
         ex = _executor(plan, folder)

@@ -54,6 +54,17 @@ def _log_path() -> Optional[str]:
     return str(env.paths.stderr) if env is not None else None
 
 
+def cell_tracking(spec: dict) -> dict:
+    """The cell's ``tracking`` section: its tracker run is named by the cell id, grouped by the
+    grid and tagged with what the cell runs (the config's own tags are kept besides)."""
+    tracking = dict(spec["config"].get("tracking") or {})
+    tags = {"grid": spec.get("grid") or "", "cell": spec["id"], "method": spec["method"],
+            "train_set": spec["train_set"], "seed": str(spec["seed"])}
+    if spec["kind"] == "eval":
+        tags.update(test_set=spec["dataset"], shots=str(spec["shots"]))
+    return {**tracking, "run_name": spec["id"], "tags": {**(tracking.get("tags") or {}), **tags}}
+
+
 def _task_rank() -> int:
     env = _job_env()
     return env.global_rank if env is not None and env.cluster == "slurm" else 0
@@ -114,7 +125,7 @@ class CellJob:
         cfg_file = folder / "train.yaml"
         folder.mkdir(parents=True, exist_ok=True)  # other nodes may start before rank 0 wrote its marker
         cell = TrainCell(spec["method"], spec["train_set"], spec["seed"], spec["config"], folder)
-        config = dict(spec["config"])
+        config = {**spec["config"], "tracking": cell_tracking(spec)}
         # A run trained under another key (or forced) starts over; a requeued job (SLURM counts its
         # restarts, the same on every node) resumes what its first start began.
         if spec.get("fresh") and int(os.environ.get("SLURM_RESTART_COUNT") or 0) == 0:
@@ -149,6 +160,7 @@ class CellJob:
     def _eval(self, folder: Path) -> dict:
         from launch.grid import EvalCell
         from zsadx.config import load_config
+        from zsadx.eval.cli import track_results, with_tracker_overlays
         from zsadx.eval.evaluator import EvalConfig, evaluate
 
         spec = self.spec
@@ -160,8 +172,10 @@ class CellJob:
             status, _ = cache.marker_status(Path(spec["train_folder"]))
             if status != "done":
                 raise RuntimeError(f"its training cell {spec['train_folder']} is {status or 'missing'}")
-        cfg = load_config(EvalConfig, data=spec["config"])
+        cfg = with_tracker_overlays(load_config(EvalConfig, data={**spec["config"], "tracking": cell_tracking(spec)}))
         result = evaluate(cfg)
+        if result is not None:
+            track_results(cfg, result)
         from zsadx.eval.evaluator import results_name
 
         cell = EvalCell(spec["method"], spec["train_set"], spec["dataset"], spec["seed"], spec["shots"],
