@@ -153,7 +153,7 @@ def _figure(args: argparse.Namespace) -> int:
     if not Path(args.grid).is_dir():  # a grid config: the columns in the grid's order, every cell accounted for
         from launch.grid import expand, load_grid
 
-        methods = methods or _planned_methods(expand(load_grid(args.grid)), args.dataset)
+        methods = _planned_methods(expand(load_grid(args.grid)), args.dataset, methods)
     out = draw_figure(_grid_folder(args.grid), args.dataset, args.out, images=args.images,
                       classes=_names(args.classes), keys=_names(args.keys), seed=args.seed,
                       methods=methods, device=args.device)
@@ -161,18 +161,20 @@ def _figure(args: argparse.Namespace) -> int:
     return 0
 
 
-def _planned_methods(plan, dataset: str) -> list[str] | None:
-    """The grid's methods that evaluate ``dataset``, in the grid's order; a method none of whose
-    cells there is done (not run yet, failed, running) is an error naming one of them."""
+def _planned_methods(plan, dataset: str, methods: list[str] | None) -> list[str] | None:
+    """The methods asked for, or the grid's methods that evaluate ``dataset`` in the grid's order;
+    one none of whose cells there is done (not run yet, failed, running) is an error naming a cell."""
     from launch import cache
     from zsadx.eval.figure import FigureError
 
     cells = [c for c in plan.evals if c.dataset == dataset]
     if not cells:
-        return None  # the figure says which datasets the grid has
-    methods = list(dict.fromkeys(c.method for c in cells))
+        return methods  # the figure says which datasets the grid has
+    methods = methods or list(dict.fromkeys(c.method for c in cells))
     for m in methods:
         mine = [c for c in cells if c.method == m]
+        if not mine:
+            continue  # not a method of this grid on this dataset: the figure says so
         # Done under an older code version (stale) still shows its maps; the figure itself refuses a
         # cell whose checkpoint or config changed since.
         if not any(cache.marker_status(c.folder)[0] == "done" for c in mine):

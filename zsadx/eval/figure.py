@@ -148,7 +148,7 @@ class ImageInfo:
     shard: str
 
 
-def test_images(shards: str, dataset: str, split: str, classes: Optional[Sequence[str]] = None) -> dict[str, ImageInfo]:
+def dataset_images(shards: str, dataset: str, split: str, classes: Optional[Sequence[str]] = None) -> dict[str, ImageInfo]:
     """Every image of the dataset's split (those classes), from the samples' metadata only."""
     from zsadx.data.shards import ShardError, iter_tar, select_shards
 
@@ -263,8 +263,9 @@ def _sizes(cfg) -> tuple[int, int]:
     return size, cfg.method.eval_size or size
 
 
-def cell_maps(cell: Cell, cfg, samples: Sequence[tuple[str, dict]], device: torch.device) -> list[np.ndarray]:
-    """The cell's heat map of each sample, in order."""
+def cell_maps(cell: Cell, cfg, samples: Sequence[tuple[str, dict]],
+              device: torch.device) -> tuple[list[np.ndarray], list[float]]:
+    """The cell's heat map (at its evaluation size) and image score of each sample, in order."""
     from zsadx.data.loaders import collate, decode_sample
     from zsadx.data.transforms import EvalTransform
     from zsadx.eval.evaluator import score_batch
@@ -278,11 +279,13 @@ def cell_maps(cell: Cell, cfg, samples: Sequence[tuple[str, dict]], device: torc
         raise FigureError(f"cell {cell.id} evaluated classes {', '.join(classes)} only; image '{outside[0]}' is "
                           f"of another: pick images of those classes (--classes, --keys)")
     amp = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.autocast]
-    maps = []
+    maps, scores = [], []
     for lo in range(0, len(decoded), cfg.data.batch_size):
-        batch_maps, _ = score_batch(method, collate(decoded[lo:lo + cfg.data.batch_size]), cfg, device, eval_size, amp)
+        batch_maps, batch_scores = score_batch(method, collate(decoded[lo:lo + cfg.data.batch_size]), cfg, device,
+                                               eval_size, amp)
         maps += [m.numpy() for m in batch_maps.cpu()]
-    return maps
+        scores += batch_scores.cpu().tolist()
+    return maps, scores
 
 
 # ------------------------------------------------------------------------------------------
@@ -295,7 +298,22 @@ class Row:
     cls: str
     image: np.ndarray          # (P, P, 3) uint8
     mask: np.ndarray           # (P, P) bool
-    maps: list[np.ndarray]     # one (P, P) float map per column
+    maps: list[np.ndarray]     # one (P, P) float map per method, as drawn
+    scores: list[float]        # each method's image score
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """The row's colour scale: min and max over every method's map of this image."""
+        return min(float(m.min()) for m in self.maps), max(float(m.max()) for m in self.maps)
+
+
+@dataclass
+class FigureData:
+    """What the figure shows: the methods' columns and one row per image."""
+    dataset: str
+    columns: list[Column]
+    rows: list[Row]
+    caption: list[str]
 
 
 def _font(size: int):
@@ -322,16 +340,18 @@ def caption(dataset: str, n: int, seed: int, given: bool) -> list[str]:
             "heat maps: one colour scale per row, shared by all methods (that row's min..max, bar at right)"]
 
 
-def render(rows: Sequence[Row], labels: Sequence[str], lines: Sequence[str], panel: int):
-    """The figure as a PIL image."""
+def render(data: FigureData, panel: int):
+    """The figure as a PIL image, and where each panel lies: (row, column) -> its top left corner
+    (column 0 the image, 1 the ground truth, 2... the methods)."""
     from PIL import Image, ImageDraw
 
     from zsadx.eval.visualize import colour_bar, overlay
 
     gap, pad, left, bar_w, bar_area = 4, 10, 120, 12, 70
     font, small = _font(13), _font(11)
+    rows, lines = data.rows, data.caption
     head = pad + 18 * len(lines) + 6 + 18
-    n_cols = 2 + len(labels)
+    n_cols = 2 + len(data.columns)
     width = pad + left + n_cols * (panel + gap) + bar_area
     height = head + len(rows) * (panel + gap) + pad
     img = Image.new("RGB", (width, height), "white")
@@ -339,27 +359,28 @@ def render(rows: Sequence[Row], labels: Sequence[str], lines: Sequence[str], pan
     for i, line in enumerate(lines):
         d.text((pad, pad + 18 * i), _fit(d, line, font, width - 2 * pad), fill="black", font=font)
     x0 = pad + left
-    for j, name in enumerate(["image", "ground truth", *labels]):
+    for j, name in enumerate(["image", "ground truth", *(c.label for c in data.columns)]):
         text = _fit(d, name, font, panel)
         d.text((x0 + j * (panel + gap) + (panel - d.textlength(text, font=font)) / 2, head - 18), text,
                fill="black", font=font)
     bar = Image.fromarray(colour_bar(panel, bar_w))
+    boxes = {}
     for i, row in enumerate(rows):
         y = head + i * (panel + gap)
         d.text((pad, y + panel / 2 - 16), _fit(d, row.cls, font, left - 6), fill="black", font=font)
         d.text((pad, y + panel / 2 + 2), _fit(d, row.key.rsplit("/", 1)[-1], small, left - 6), fill=(90, 90, 90),
                font=small)
-        lo = min(float(m.min()) for m in row.maps)
-        hi = max(float(m.max()) for m in row.maps)
+        lo, hi = row.scale
         gt = np.repeat(row.mask.astype(np.uint8)[..., None] * 255, 3, -1)
         panels = [row.image, gt, *(overlay(row.image, m, vmin=lo, vmax=hi) for m in row.maps)]
         for j, p in enumerate(panels):
-            img.paste(Image.fromarray(p), (x0 + j * (panel + gap), y))
+            boxes[(i, j)] = (x0 + j * (panel + gap), y)
+            img.paste(Image.fromarray(p), boxes[(i, j)])
         bx = x0 + n_cols * (panel + gap) + 2
         img.paste(bar, (bx, y))
         d.text((bx + bar_w + 4, y - 2), f"{hi:.3g}", fill="black", font=small)
         d.text((bx + bar_w + 4, y + panel - 12), f"{lo:.3g}", fill="black", font=small)
-    return img
+    return img, boxes
 
 
 def _out_format(out: Path) -> str:
@@ -369,39 +390,53 @@ def _out_format(out: Path) -> str:
     return fmt
 
 
-def shown_row(info: ImageInfo, shard: str, sample: dict, maps: list[np.ndarray], panel: int, mask_resize: str) -> Row:
+def shown_row(info: ImageInfo, shard: str, sample: dict, maps: list[np.ndarray], scores: list[float], panel: int,
+              mask_resize: str) -> Row:
     """The row's image and ground truth at the panel size, by the evaluation's mask rule."""
     from zsadx.data.loaders import decode_sample
     from zsadx.data.transforms import EvalTransform
     from zsadx.eval.visualize import denormalise, resize_map
 
     d = decode_sample(sample, EvalTransform(size=panel, mask_resize=mask_resize, mask_size=panel), shard)
-    return Row(info.key, info.cls, denormalise(d["image"]), d["mask"].numpy() > 0, [resize_map(m, panel) for m in maps])
+    return Row(info.key, info.cls, denormalise(d["image"]), d["mask"].numpy() > 0,
+               [resize_map(m, panel) for m in maps], scores)
+
+
+def figure_data(grid: str | Path, dataset: str, *, images: int = 6, classes: Optional[Sequence[str]] = None,
+                keys: Optional[Sequence[str]] = None, seed: int = 0, methods: Optional[Sequence[str]] = None,
+                device: str = "auto", panel: int = 160) -> FigureData:
+    """Choose the images and run each method cell on them (see :func:`draw_figure`)."""
+    columns = figure_columns(grid, dataset, methods)
+    configs = [cell_config(c.cell) for c in columns]
+    first = configs[0]
+    pool = dataset_images(first.data.shards, dataset, first.data.split, classes or first.data.classes)
+    chosen = (given_images(pool, keys, dataset, first.data.shards) if keys
+              else pick_images(pool, images, seed, dataset))
+    samples = read_samples(pool, chosen)
+    dev = _device(device)
+    per_column = []
+    for col, cfg in zip(columns, configs):
+        log.info("figure: %s (%s) on %d images", col.label, col.cell.id, len(chosen))
+        per_column.append(cell_maps(col.cell, cfg, [samples[k] for k in chosen], dev))
+    rows = [shown_row(pool[k], *samples[k], [maps[i] for maps, _ in per_column],
+                      [scores[i] for _, scores in per_column], panel, first.data.mask_resize)
+            for i, k in enumerate(chosen)]
+    return FigureData(dataset, columns, rows, caption(dataset, len(rows), seed, bool(keys)))
 
 
 def draw_figure(grid: str | Path, dataset: str, out: str | Path, *, images: int = 6,
                 classes: Optional[Sequence[str]] = None, keys: Optional[Sequence[str]] = None, seed: int = 0,
                 methods: Optional[Sequence[str]] = None, device: str = "auto", panel: int = 160) -> Path:
-    """Draw the qualitative figure of ``dataset`` from the grid output folder ``grid``; returns ``out``."""
+    """Draw the qualitative figure of ``dataset`` from the grid output folder ``grid`` into ``out``
+    (.png or .pdf, written atomically); returns ``out``. ``images`` rows drawn with ``seed`` among
+    the anomalous test images (of ``classes``), or the ``keys`` given; ``methods``: the columns."""
     from zsadx.files import atomic_target
 
     out = Path(out)
     fmt = _out_format(out)
-    columns = figure_columns(grid, dataset, methods)
-    configs = [cell_config(c.cell) for c in columns]
-    first = configs[0]
-    pool = test_images(first.data.shards, dataset, first.data.split, classes or first.data.classes)
-    chosen = (given_images(pool, keys, dataset, first.data.shards) if keys
-              else pick_images(pool, images, seed, dataset))
-    samples = read_samples(pool, chosen)
-    dev = _device(device)
-    maps = []
-    for col, cfg in zip(columns, configs):
-        log.info("figure: %s (%s) on %d images", col.label, col.cell.id, len(chosen))
-        maps.append(cell_maps(col.cell, cfg, [samples[k] for k in chosen], dev))
-    rows = [shown_row(pool[k], *samples[k], [m[i] for m in maps], panel, first.data.mask_resize)
-            for i, k in enumerate(chosen)]
-    img = render(rows, [c.label for c in columns], caption(dataset, len(rows), seed, bool(keys)), panel)
+    data = figure_data(grid, dataset, images=images, classes=classes, keys=keys, seed=seed, methods=methods,
+                       device=device, panel=panel)
+    img, _ = render(data, panel)
     with atomic_target(out) as tmp:
         img.save(tmp, format=fmt, **({"resolution": 150.0} if fmt == "PDF" else {}))
     return out
