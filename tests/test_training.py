@@ -215,3 +215,27 @@ def test_params_command_counts_the_trainable_prompts(capsys):
     # 2 x 4 context tokens + 2 deep prompts x 4 tokens, text width 64 (ViT-L-14-336: 43,008).
     assert "trainable" in out and out.split("trainable")[1].split()[0] == "1,024"
     assert "backbone" not in out.split("frozen backbone")[0]
+
+
+# The loaders yield uint8 pixels; this trainer, with its loader patched to normalise on the CPU
+# (the old float path), must train the same weights as the default one normalising on the device.
+FLOAT_LOADER = """import sys
+from zsadx.data.transforms import EvalTransform, normalise
+uint8_pixels = EvalTransform.pixels
+EvalTransform.pixels = lambda self, im: normalise(uint8_pixels(self, im))
+from zsadx.cli import main
+raise SystemExit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_uint8_batches_are_normalised_on_the_device(shards, tmp_path):
+    import sys
+
+    on_device, in_loader = tmp_path / "device", tmp_path / "loader"
+    args = ["data.batch_size=2", "max_steps=2", "data.num_workers=0"]
+    run_checked(launch_cmd(1, "zsadx.train", *train_args(shards, on_device, *args)))
+    run_checked([sys.executable, "-c", FLOAT_LOADER, *train_args(shards, in_loader, *args)])
+    # Both compute (v / 255 - mean) / std in float32, on other sides of the loader: equal to
+    # rounding, which two Adam steps keep at the 1e-6 relative level (tolerance as for 1 vs 2 processes).
+    assert_same(weights(on_device / "final.pt"), weights(in_loader / "final.pt"), **PROCESS_COUNT_TOL)
+    assert read_log(on_device)[0]["loss"] == pytest.approx(read_log(in_loader)[0]["loss"], rel=1e-5)
