@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
                    help="comma-separated, e.g. pixel_auroc,pixel_aupro")
     t.add_argument("--columns", default="method", choices=["method", "train_set", "shots", "seed"],
                    help="which axis of the cells becomes the columns")
+    t.add_argument("--per-class", action="store_true",
+                   help="rows = each dataset's classes and its mean row, columns = the axis x the metrics")
     t.add_argument("--plot", help="also write a PNG bar chart of the first metric here")
     t.add_argument("--out", help="write the table to this file instead of stdout")
     t.set_defaults(func=_table)
@@ -122,8 +124,12 @@ def _table(args: argparse.Namespace) -> int:
     if not records:
         print(f"no finished evaluations under {root}", file=sys.stderr)
         return 1
-    table = tables.build(records, [m.strip() for m in args.metrics.split(",") if m.strip()], args.columns)
-    text = tables.render(table, args.format)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    table = tables.build(records, metrics, args.columns)
+    if args.per_class:
+        text = tables.render_per_class(tables.build_per_class(records, metrics, args.columns), args.format)
+    else:
+        text = tables.render(table, args.format)
     if args.out:
         atomic_write_text(args.out, text)
     else:

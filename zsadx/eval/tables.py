@@ -7,13 +7,17 @@ per row and metric is bold. Missing cells (not run, failed, undefined metric) sh
 dataset evaluated on a subset of its classes (a partial download, ``--classes``) is a row of its
 own, ``mvtec-ad (2/15 classes)``, left out of the domain average.
 Formats: md, csv, tex, json; ``plot`` draws a grouped bar chart (PNG) of the first metric.
+
+Per-class tables (``zsadx table --per-class``, as papers' appendices print them): rows are the
+classes of each dataset, then the dataset's mean row (the results files' mean over classes);
+columns are the axis values (methods) x the metrics.
 """
 from __future__ import annotations
 
 import json
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,6 +36,7 @@ class Record:
     classes: tuple[str, ...] = ()     # the classes evaluated
     n_catalog: int = 0                # how many classes the whole dataset has (0: unknown, taken as full)
     subset: bool = False              # evaluated on part of the dataset's classes
+    per_class: dict = field(default_factory=dict)   # class -> metrics, as the results file holds them
 
     def row_label(self, name_classes: bool = False) -> str:
         """The table row: the dataset, or the dataset with how many (and which) of its classes were evaluated."""
@@ -44,7 +49,8 @@ class Record:
 def _coverage(res: dict) -> dict:
     """Record fields on class coverage from a results file (older files lack them: a full set)."""
     catalog = res.get("catalog_classes") or []
-    return {"classes": tuple(res.get("classes") or ()), "n_catalog": len(catalog), "subset": bool(res.get("subset"))}
+    return {"classes": tuple(res.get("classes") or ()), "n_catalog": len(catalog), "subset": bool(res.get("subset")),
+            "per_class": res.get("per_class") or {}}
 
 
 def parse_cell_id(cell_id: str) -> Optional[tuple[str, str, str, int, int]]:
@@ -137,25 +143,33 @@ def _mean_std(vals: list[Optional[float]]) -> Optional[tuple[float, Optional[flo
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None
 
 
+def _columns(records: Sequence[Record], axis: str, columns: Optional[Sequence[str]]) -> list[str]:
+    return list(columns) if columns else list(dict.fromkeys(str(getattr(r, axis)) for r in records))
+
+
+def _datasets_by_domain(records: Sequence[Record], labels: Sequence[str]) -> dict[str, list[str]]:
+    """Domain -> its dataset rows (in the records' order), the domains industrial first."""
+    domains: dict[str, list[str]] = {}
+    for r, label in zip(records, labels):
+        domains.setdefault(r.domain, [])
+        if label not in domains[r.domain]:
+            domains[r.domain].append(label)
+    order = sorted(domains, key=lambda d: (DOMAIN_ORDER.index(d) if d in DOMAIN_ORDER else 9, d))
+    return {d: domains[d] for d in order}
+
+
 def build(records: Sequence[Record], metrics: Sequence[str], axis: str = "method",
           columns: Optional[Sequence[str]] = None) -> Table:
     """The table. A dataset evaluated on a subset of its classes gets its own row, labelled with the
     share of classes, and is never part of a domain average (it is not the dataset the average of
     other methods or papers stands for)."""
     check_metrics(metrics, records)
-    cols = list(columns) if columns else list(dict.fromkeys(str(getattr(r, axis)) for r in records))
+    cols = _columns(records, axis, columns)
     labels = _row_labels(records)
-    domains: dict[str, list[str]] = {}
-    subset_rows: list[str] = []
-    for r, label in zip(records, labels):
-        domains.setdefault(r.domain, [])
-        if label not in domains[r.domain]:
-            domains[r.domain].append(label)
-        if r.subset and label not in subset_rows:
-            subset_rows.append(label)
-    order = sorted(domains, key=lambda d: (DOMAIN_ORDER.index(d) if d in DOMAIN_ORDER else 9, d))
+    domains = _datasets_by_domain(records, labels)
+    subset_rows = list(dict.fromkeys(label for r, label in zip(records, labels) if r.subset))
     rows, cells = [], {}
-    for dom in order:
+    for dom in domains:
         for row in domains[dom]:
             for c in cols:
                 mine = [r for r, label in zip(records, labels) if label == row and str(getattr(r, axis)) == c]
@@ -176,6 +190,108 @@ def build(records: Sequence[Record], metrics: Sequence[str], axis: str = "method
     return Table(tuple(metrics), cols, rows, cells, tuple(subset_rows))
 
 
+# ------------------------------------------------------------------------------------------
+# Per-class tables
+# ------------------------------------------------------------------------------------------
+
+Value = Optional[tuple[float, Optional[float]]]   # mean (and std over seeds) of one metric
+
+
+@dataclass
+class ClassTable:
+    metrics: tuple[str, ...]
+    columns: list[str]
+    rows: list[tuple[str, str, Optional[str]]]          # (domain, dataset row label, class; None: the mean row)
+    cells: dict[tuple[str, Optional[str], str], list[Value]]   # (dataset, class, column) -> per metric
+
+
+def build_per_class(records: Sequence[Record], metrics: Sequence[str], axis: str = "method",
+                    columns: Optional[Sequence[str]] = None) -> ClassTable:
+    """Rows: each dataset's classes (as its results files list them), then its mean row -- the
+    results files' own mean over classes, so the row equals the dataset's row of :func:`build`."""
+    check_metrics(metrics, records)
+    cols = _columns(records, axis, columns)
+    labels = _row_labels(records)
+    rows, cells = [], {}
+    for dom, datasets in _datasets_by_domain(records, labels).items():
+        for ds in datasets:
+            mine = [r for r, label in zip(records, labels) if label == ds]
+            classes = list(dict.fromkeys(c for r in mine for c in r.per_class))
+            for c in [*classes, None]:
+                rows.append((dom, ds, c))
+                for col in cols:
+                    chosen = [r for r in mine if str(getattr(r, axis)) == col]
+                    values = [r.metrics if c is None else r.per_class.get(c, {}) for r in chosen]
+                    cells[(ds, c, col)] = [_mean_std([_value(v.get(m)) for v in values]) for m in metrics]
+    return ClassTable(tuple(metrics), cols, rows, cells)
+
+
+def render_per_class(table: ClassTable, fmt: str = "md") -> str:
+    if fmt == "json":
+        return json.dumps({"metrics": table.metrics, "columns": table.columns,
+                           "rows": [{"domain": d, "dataset": ds, "class": c if c is not None else "mean",
+                                     "mean_row": c is None, **{col: table.cells[(ds, c, col)] for col in table.columns}}
+                                    for d, ds, c in table.rows]}, indent=2)
+    body = []
+    for _, ds, c in table.rows:
+        values = [table.cells[(ds, c, col)] for col in table.columns]
+        shown = []
+        for i in range(len(table.metrics)):
+            best = _best_of([v[i] for v in values])
+            shown.append([_fmt(v[i], best is not None and v[i] is not None and v[i][0] == best, fmt) for v in values])
+        # columns: method-major (each method's metrics side by side)
+        body.append([ds, c if c is not None else "mean", *(shown[i][j] for j in range(len(table.columns))
+                                                          for i in range(len(table.metrics)))])
+    caption = (" / ".join(table.metrics) + " per class (x100; mean±std over seeds; '-' = missing); 'mean': "
+               "the results files' mean over the dataset's classes")
+    if fmt == "csv":
+        return _csv([["dataset", "class", *(f"{col} {m}" for col in table.columns for m in table.metrics)], *body])
+    # Printed tables name each dataset once, on its first class's row.
+    body = [[r[0] if i == 0 or body[i - 1][0] != r[0] else "", *r[1:]] for i, r in enumerate(body)]
+    if fmt == "tex":
+        return _tex_per_class(table, body, caption)
+    if fmt != "md":
+        raise ValueError(f"unknown table format '{fmt}' (md, csv, tex, json)")
+    head = ["dataset", "class", *(f"{col} {m}" for col in table.columns for m in table.metrics)]
+    out = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
+    out += [f"| {' | '.join(r)} |" for r in body]
+    return "\n".join(out) + f"\n\n{caption}\n"
+
+
+def _tex_per_class(table: ClassTable, body: list[list[str]], caption: str) -> str:
+    k = len(table.metrics)
+    groups = " & ".join(f"\\multicolumn{{{k}}}{{c}}{{{_tex(col)}}}" for col in table.columns)
+    rules = "".join(f"\\cmidrule(lr){{{3 + j * k}-{2 + (j + 1) * k}}}" for j in range(len(table.columns)))
+    lines = ["\\begin{tabular}{ll" + "c" * (k * len(table.columns)) + "}", "\\toprule",
+             f" & & {groups} \\\\", rules,
+             " & ".join(["dataset", "class", *(_tex(m) for _ in table.columns for m in table.metrics)]) + " \\\\",
+             "\\midrule"]
+    for r in body:
+        if r[1] == "mean":
+            lines.append("\\cmidrule(lr){2-" + str(2 + k * len(table.columns)) + "}")
+        lines.append(" & ".join(_tex(x) if not x.startswith("\\textbf") else x for x in r) + " \\\\")
+        if r[1] == "mean":
+            lines.append("\\midrule")
+    lines[-1] = "\\bottomrule"
+    lines += ["\\end{tabular}", f"% {caption}"]
+    return "\n".join(lines)
+
+
+def _csv(rows: list[list[str]]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()
+
+
+def _best_of(values: Sequence[Value]) -> Optional[float]:
+    """The highest mean, when at least two values compete."""
+    vals = [v[0] for v in values if v is not None]
+    return max(vals) if len(vals) > 1 else None
+
+
 def _fmt(v: Optional[tuple[float, Optional[float]]], bold: bool, fmt: str) -> str:
     if v is None:
         return "-"
@@ -186,8 +302,7 @@ def _fmt(v: Optional[tuple[float, Optional[float]]], bold: bool, fmt: str) -> st
 
 
 def _best(table: Table, row: str, i: int) -> Optional[float]:
-    vals = [table.cells[(row, c)][i][0] for c in table.columns if table.cells[(row, c)][i] is not None]
-    return max(vals) if len(vals) > 1 else None
+    return _best_of([table.cells[(row, c)][i] for c in table.columns])
 
 
 def render(table: Table, fmt: str = "md") -> str:
@@ -211,14 +326,7 @@ def render(table: Table, fmt: str = "md") -> str:
         caption += ("; 'k/n classes': evaluated on k of the dataset's n classes only, left out of the "
                     "domain average")
     if fmt == "csv":
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(head)
-        w.writerows(body)
-        return buf.getvalue()
+        return _csv([head, *body])
     if fmt == "tex":
         lines = ["\\begin{tabular}{ll" + "c" * len(table.columns) + "}", "\\toprule",
                  " & ".join(_tex(h) for h in head) + " \\\\", "\\midrule"]
