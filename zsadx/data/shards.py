@@ -40,6 +40,7 @@ import re
 import shlex
 import subprocess
 import tarfile
+import tempfile
 import urllib.parse
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -561,14 +562,16 @@ REMOTE_PREFIXES = ("http://", "https://", "pipe:")
 # -NNNNN.tar). Anything else -- '/', '..', spaces, shell syntax -- is refused before it reaches
 # a URL or a shell command.
 _REMOTE_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
-# curl's exit statuses (webdataset's gopen reads http through `curl -f -s`) in words.
+# curl's exit statuses in words (its own message, from stderr, follows them).
 _CURL_EXIT = {6: "the host name does not resolve", 7: "connection refused: no server answers at that address",
-              18: "the transfer ended early (truncated)",
-              22: "the server answered with an HTTP error (e.g. 404: no such file there)", 28: "timed out",
-              35: "the TLS handshake failed", 52: "the server sent nothing", 56: "the connection broke while receiving"}
+              18: "the transfer ended early (truncated)", 22: "the server answered with an HTTP error",
+              28: "timed out", 35: "the TLS handshake failed", 52: "the server sent nothing",
+              56: "the connection broke while receiving"}
 # Exit statuses of a reader whose output we stopped reading on purpose (SIGPIPE; curl's write error).
 _STOPPED = (0, 141, -13)
 _CURL_STOPPED = (23,)
+# webdataset's gopen_curl arguments, with -S: curl's error line (e.g. "returned error: 404") is kept.
+_CURL = ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-sS", "-L"]
 
 
 def is_remote(root: str | os.PathLike) -> bool:
@@ -592,20 +595,31 @@ def member_location(root: str | os.PathLike, name: str) -> str:
 
 
 def open_member(location: str) -> IO[bytes]:
-    """A binary stream of a local file, a URL or a pipe: command's output (streamed, never saved)."""
+    """A binary stream of a local file, a URL or a pipe: command's output (streamed, never saved).
+
+    Remote streams are webdataset's ``gopen`` pipes (its curl command for http(s), a shell for
+    pipe:), opened here with the reader's stderr kept in a temporary file (not a pipe: a chatty
+    command cannot block on it), so a failure can quote the reader's own words.
+    """
     if not is_remote(location):
         return open(location, "rb")
-    import webdataset.gopen as wds_gopen
+    from webdataset.gopen import Pipe
 
+    err = tempfile.TemporaryFile()
+    http = not location.startswith("pipe:")
     try:
-        return wds_gopen.gopen(location, "rb")
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"{location}: cannot open it ({type(exc).__name__}: {exc})") from exc
+        stream = Pipe(_CURL + [location] if http else location[len("pipe:"):], mode="rb", shell=not http,
+                      stderr=err, bufsize=1 << 20, ignore_status=[141, 23] if http else [141])
+    except OSError as exc:  # curl or the shell is missing
+        err.close()
+        raise ShardError(f"{location}: cannot start its reader ({exc})") from exc
+    stream.stderr_file = err
+    return stream
 
 
 def finish_member(stream: IO[bytes], location: str) -> Optional[str]:
     """Close a stream of :func:`open_member`; for a remote one, why its transfer or command failed
-    (None when it did not, or when it was only stopped because we stopped reading)."""
+    (None when it did not, or when it only stopped because we stopped reading)."""
     proc = getattr(stream, "proc", None)  # webdataset's Pipe: curl, or the pipe: command
     if proc is None:
         stream.close()
@@ -616,13 +630,25 @@ def finish_member(stream: IO[bytes], location: str) -> Optional[str]:
         status = proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-        return "the transfer or command did not end within 60 s after reading stopped"
+        proc.wait()
+        status = None
+    said = _last_line(stream.stderr_file)
     curl = location.startswith(("http://", "https://"))
     if status in _STOPPED or (curl and status in _CURL_STOPPED):
         return None
-    if curl:
-        return f"cannot read it: {_CURL_EXIT.get(status, f'curl exit status {status}')}"
-    return f"the command failed (exit status {status})"
+    if status is None:
+        return "its reader did not end within 60 s after reading stopped"
+    what = (_CURL_EXIT.get(status, f"curl failed (exit status {status})") if curl
+            else f"the command failed (exit status {status})")
+    return f"{what} ({said})" if said else what
+
+
+def _last_line(err: IO[bytes]) -> str:
+    """The last line the reader wrote to stderr (at most 300 characters), and the file closed."""
+    err.seek(0)
+    lines = [line.strip() for line in err.read()[-4096:].decode("utf-8", "replace").splitlines() if line.strip()]
+    err.close()
+    return lines[-1][:300] if lines else ""
 
 
 def _read_remote_index(root: str) -> bytes:
