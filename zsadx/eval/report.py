@@ -311,6 +311,7 @@ SCRIPT = r"""
     boxes.forEach(function (b) {
       var shown = chosen === null ? b.hasAttribute('data-default') : chosen.indexOf(b.dataset.metric) >= 0;
       b.checked = shown;
+      b.toggleAttribute('checked', shown);  // the attribute too: a dumped DOM shows the state
       document.querySelectorAll('.m' + b.dataset.index).forEach(function (el) {
         el.style.display = shown ? '' : 'none';
       });
@@ -325,6 +326,7 @@ SCRIPT = r"""
   }
   function showView(v) {
     view.value = v;
+    Array.prototype.forEach.call(view.options, function (o) { o.toggleAttribute('selected', o.value === v); });
     original.forEach(function (r) {
       var shown = v === 'all' || (v === 'averages' ? r.classList.contains('avg') : r.dataset.domain === v);
       r.style.display = shown ? '' : 'none';

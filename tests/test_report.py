@@ -1,0 +1,363 @@
+"""Issue 20 item 4: ``zsadx report GRID --out DIR``, one self-contained HTML page, checked in a real
+headless Chromium (Debian's ``chromium``): the DOM after the page's script ran, sorting through the
+header links, metric and domain views, escaping of hostile names, and a screenshot."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import yaml
+
+from conftest import make_shards, one_error_line, run_cli
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium: `apt-get install -y chromium`")
+
+# A grid label that is markup: valid as a folder name, hostile in a page that does not escape it.
+HOSTILE_LABEL = 'x<img src=x onerror="document.body.setAttribute(\'data-pwned\',1)">&amp;'
+METRICS = "image_auroc,image_ap,image_f1_max,pixel_auroc,pixel_ap,pixel_f1_max,pixel_aupro"
+
+
+# ---- a real grid, once per module ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory) -> dict:
+    """Two methods (one labelled with markup) on visa and bmad-brain, local executor (cells have job
+    logs); mvtec-ad's shard is broken, so its two cells fail."""
+    root = tmp_path_factory.mktemp("report")
+    shards = make_shards(root / "data", {"visa": 1, "bmad-brain": 1, "mvtec-ad": 1}, size=64)
+    broken = sorted(shards.glob("mvtec-ad-*-test-*.tar"))[0]
+    broken.write_bytes(broken.read_bytes()[:300])
+    spec = {"name": "report-test", "cluster": "local", "out_dir": str(root / "out"), "shards": str(shards),
+            "methods": [{"config": "methods/clip-tiny", "label": "clip"},
+                        {"config": "methods/winclip-tiny", "label": HOSTILE_LABEL}],
+            "test_sets": ["visa", "bmad-brain", "mvtec-ad"], "eval_overrides": ["data.num_workers=0"]}
+    (root / "grid.yaml").write_text(yaml.safe_dump(spec))
+    from zsadx.cli import main
+
+    assert main(["grid", "run", str(root / "grid.yaml")]) == 1          # the two mvtec-ad cells failed
+    return {"root": root, "grid": root / "grid.yaml", "out": root / "out"}
+
+
+@pytest.fixture(scope="module")
+def report(grid) -> Path:
+    """``zsadx report`` of the grid (with a 2-image qualitative figure)."""
+    from zsadx.cli import main
+
+    page_dir = grid["root"] / "page"
+    assert main(["report", str(grid["grid"]), "--out", str(page_dir), "--figure-images", "2", "--device", "cpu"]) == 0
+    return page_dir / "index.html"
+
+
+def table_json(capsys, path, metrics: str = METRICS) -> dict:
+    rc, out, err = run_cli(capsys, "table", path, "--format", "json", "--metrics", metrics)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+# ---- Chromium and the DOM it dumps -------------------------------------------------------------
+
+def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"   # one per test: parallel runs do not share a profile lock
+    cmd = [CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}", *args]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--no-sandbox")  # Chromium refuses root without it
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict, parent=None):
+        self.tag, self.attrs, self.parent, self.children, self.texts = tag, attrs, parent, [], []
+
+    def text(self) -> str:
+        return "".join(t if isinstance(t, str) else t.text() for t in self.texts)
+
+    def iter(self):
+        yield self
+        for c in self.children:
+            yield from c.iter()
+
+    def find_all(self, tag: str, **attrs) -> list["Node"]:
+        return [n for n in self.iter() if n.tag == tag and all(n.attrs.get(k.replace("_", "-")) == v
+                                                                  for k, v in attrs.items())]
+
+    def find(self, tag: str, **attrs) -> "Node":
+        found = self.find_all(tag, **attrs)
+        assert found, f"no <{tag} {attrs}>"
+        return found[0]
+
+    def classes(self) -> set[str]:
+        return set((self.attrs.get("class") or "").split())
+
+    def hidden(self, inherited: bool = True) -> bool:
+        """display: none on the element (or an ancestor): what the page's script sets."""
+        n = self
+        while n is not None:
+            if "display: none" in (n.attrs.get("style") or ""):
+                return True
+            n = n.parent if inherited else None
+        return False
+
+
+class Dom(HTMLParser):
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.root = self.node = Node("#document", {})
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        n = Node(tag, {k: ("" if v is None else v) for k, v in attrs}, self.node)
+        self.node.children.append(n)
+        self.node.texts.append(n)
+        if tag not in self.VOID:
+            self.node = n
+
+    def handle_endtag(self, tag):
+        n = self.node
+        while n is not self.root and n.tag != tag:
+            n = n.parent
+        if n is not self.root:
+            self.node = n.parent
+
+    def handle_data(self, data):
+        self.node.texts.append(data)
+
+
+def dom(tmp_path: Path, page: Path, hash_: str = "") -> Node:
+    out = chromium(tmp_path, "--dump-dom", page.resolve().as_uri() + hash_).stdout
+    root = Dom(out).root
+    assert root.find("body").attrs.get("data-applied") == hash_, "the page's script did not run"
+    return root
+
+
+def results_rows(root: Node) -> list[dict]:
+    """The results table as the DOM holds it: per row its domain, dataset, cells and visibility."""
+    table = root.find("table", id="results")
+    rows = []
+    for tr in table.find("tbody").find_all("tr"):
+        tds = tr.find_all("td")
+        rows.append({"domain": tds[0].text(), "dataset": tds[1].text(), "hidden": tr.hidden(), "cells": tds[2:]})
+    return rows
+
+
+def metric_heads(root: Node) -> list[Node]:
+    return [th for th in root.find("table", id="results").find_all("th") if "data-metric" in th.attrs]
+
+
+def expected_text(v) -> str:
+    """The table's cell text, re-expressed: x100 to one decimal, ±std when there are several seeds."""
+    if v is None:
+        return "-"
+    return f"{100 * v[0]:.1f}" + ("" if v[1] is None else f"±{100 * v[1]:.1f}")
+
+
+def assert_cells_equal_json(root: Node, js: dict) -> None:
+    heads = metric_heads(root)
+    assert [(th.attrs["data-column"], th.attrs["data-metric"]) for th in heads] == [
+        (c, m) for c in js["columns"] for m in js["metrics"]]
+    rows = results_rows(root)
+    assert [(r["domain"], r["dataset"]) for r in rows] == [(r["domain"], r["dataset"]) for r in js["rows"]]
+    for dom_row, js_row in zip(rows, js["rows"]):
+        values = [v for c in js["columns"] for v in js_row[c]]
+        assert len(dom_row["cells"]) == len(values)
+        for td, v in zip(dom_row["cells"], values):
+            assert td.text() == expected_text(v), (js_row["dataset"], td.attrs)
+            if v is None:
+                assert td.attrs["data-mean"] == "" and td.attrs["data-std"] == ""
+                continue
+            assert float(td.attrs["data-mean"]) == pytest.approx(v[0], rel=1e-12, abs=0)
+            assert (td.attrs["data-std"] == "") == (v[1] is None)
+
+
+# ---- the page ----------------------------------------------------------------------------------
+
+@needs_chromium
+def test_report_table_in_chromium_equals_zsadx_table_json_and_screenshot(grid, report, tmp_path, capsys):
+    root = dom(tmp_path, report)
+    js = table_json(capsys, grid["grid"])
+    assert js["columns"] == ["clip", HOSTILE_LABEL] and {r["dataset"] for r in js["rows"]} >= {"visa", "bmad-brain"}
+    assert_cells_equal_json(root, js)
+    # Shown by default: `zsadx table`'s default metrics; the others are a check box away.
+    boxes = {b.attrs["data-metric"]: "checked" in b.attrs for b in root.find_all("input", type="checkbox")}
+    assert boxes == {m: m in ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro") for m in METRICS.split(",")}
+    assert {th.attrs["data-metric"] for th in metric_heads(root) if not th.hidden()} == {
+        m for m, on in boxes.items() if on}
+    # A screenshot of the page as Chromium renders it: a real PNG of the window's size, not blank.
+    shot = tmp_path / "report.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,900", report.resolve().as_uri())
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    assert img.size == (1280, 900)
+    lo, hi = img.getextrema()
+    assert hi - lo > 100, "blank screenshot"
+
+
+@needs_chromium
+def test_a_header_link_sorts_descending_then_ascending_with_missing_values_last(grid, report, tmp_path, capsys):
+    js = table_json(capsys, grid["grid"])
+    root = dom(tmp_path, report)
+    col, metric = 1, "image_ap"          # the hostile-labelled method's image AP
+    th = next(t for t in metric_heads(root) if t.attrs["data-key"] == f"{col}:{metric}")
+    link = th.find("a").attrs["href"]
+    assert link.startswith("#sort=-")
+
+    def expected(descending: bool) -> list[str]:
+        i = js["metrics"].index(metric)
+        vals = [(r["dataset"], (r[js["columns"][col]][i] or [None])[0]) for r in js["rows"]]
+        known = sorted((v for v in vals if v[1] is not None), key=lambda v: v[1], reverse=descending)
+        return [d for d, _ in known] + [d for d, v in vals if v is None]
+
+    def order(r: Node) -> list[str]:
+        return [row["dataset"] for row in results_rows(r)]
+
+    desc = dom(tmp_path, report, link)
+    assert order(desc) == expected(True)
+    th = next(t for t in metric_heads(desc) if t.attrs["data-key"] == f"{col}:{metric}")
+    assert th.attrs.get("aria-sort") == "descending"
+    again = th.find("a").attrs["href"]                        # the second click: ascending
+    asc = dom(tmp_path, report, again)
+    assert order(asc) == expected(False)
+    assert_cells_equal_json(dom(tmp_path, report), js)         # no hash: the table's own order
+    by_name = dom(tmp_path, report, "#sort=dataset")
+    assert order(by_name) == sorted(order(by_name))
+
+
+@needs_chromium
+def test_metric_check_boxes_and_domain_views_from_the_hash(grid, report, tmp_path, capsys):
+    js = table_json(capsys, grid["grid"])
+    root = dom(tmp_path, report, "#metrics=pixel_ap%2Cimage_f1_max&view=medical")
+    shown = [th.attrs["data-metric"] for th in metric_heads(root) if not th.hidden()]
+    assert shown == ["image_f1_max", "pixel_ap"] * len(js["columns"])
+    for row in results_rows(root):
+        visible = [td for td in row["cells"] if not td.hidden(inherited=False)]
+        assert len(visible) == 2 * len(js["columns"])
+        assert row["hidden"] == (row["domain"] != "medical")
+    boxes = {b.attrs["data-metric"]: "checked" in b.attrs for b in root.find_all("input", type="checkbox")}
+    assert [m for m, on in boxes.items() if on] == ["image_f1_max", "pixel_ap"]
+    assert [o.attrs["value"] for o in root.find("select", id="view").find_all("option") if "selected" in o.attrs] == [
+        "medical"]
+    averages = dom(tmp_path, report, "#view=averages")
+    assert [r["dataset"] for r in results_rows(averages) if not r["hidden"]] == [
+        r["dataset"] for r in js["rows"] if r["dataset"].endswith(" average")]
+
+
+@needs_chromium
+def test_hostile_names_are_text_not_markup(grid, report, tmp_path):
+    root = dom(tmp_path, report)
+    body = root.find("body")
+    assert "data-pwned" not in body.attrs                           # the label's onerror never ran
+    imgs = root.find_all("img")
+    assert imgs and all(i.attrs["src"].startswith("data:image/png;base64,") for i in imgs)   # no <img src=x>
+    groups = [th.text() for th in root.find("table", id="results").find_all("th") if "group" in th.classes()]
+    assert groups == ["clip", HOSTILE_LABEL]                         # shown literally, '&amp;' included
+    ids = [td.text() for td in root.find_all("td") if "id" in td.classes()]
+    assert f"eval/{HOSTILE_LABEL}/zero-shot/visa/seed0" in ids
+
+
+@needs_chromium
+def test_every_cell_shows_status_config_code_version_and_a_relative_log_link(grid, report, tmp_path):
+    from launch import cache
+
+    root = dom(tmp_path, report)
+    rows = {tr.find("td").text(): tr for tr in root.find("table", id="cells").find("tbody").find_all("tr")}
+    markers = {m["id"]: (m, f) for f in grid["out"].rglob("cell.json") for m in [cache.read_marker(f.parent)]}
+    assert set(rows) == set(markers) and len(rows) == 6
+    for cell_id, (marker, marker_file) in markers.items():
+        tr = rows[cell_id]
+        status = tr.find_all("td")[1]
+        assert tr.attrs["data-status"] == marker["status"]
+        if marker["status"] == "failed":
+            assert "mvtec-ad" in cell_id and status.find("div").text() == marker["error"]
+            assert tr.find_all("td")[3].text() == "-"                # no results: no code version
+        else:
+            res = json.loads(Path(marker["result"]).read_text())
+            assert tr.find_all("td")[3].text() == res["code_version"]
+            config = Path(marker["result"]).with_name(Path(marker["result"]).stem + ".config.yaml").read_text()
+            assert tr.find("pre").text() == config
+        # The log link is relative to the page and reaches the job's log file.
+        href = tr.find("a").attrs["href"]
+        assert not urlsplit(href).scheme and not href.startswith("/")
+        assert (report.parent / unquote(href)).resolve() == Path(marker["log"]).resolve()
+        assert Path(marker["log"]).is_file()
+
+
+def test_page_is_self_contained_no_server_no_cdn(report):
+    html = report.read_text()
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    root = Dom(html).root
+    assert not root.find_all("link") and all("src" not in s.attrs for s in root.find_all("script"))
+    assert root.find_all("script") and root.find_all("style")                    # inline, not fetched
+    for a in root.find_all("a"):
+        href = a.attrs["href"]
+        assert href.startswith("#") or not urlsplit(href).scheme, href                # hash or a relative file
+    figure = root.find("section", id="figure")
+    assert figure.find_all("img"), figure.text()                                      # the qualitative figure
+
+
+# ---- a folder of results files, hostile values in them -----------------------------------------
+
+@needs_chromium
+def test_results_files_with_missing_cells_and_markup_in_a_method_name(grid, tmp_path, capsys):
+    """``zsadx report`` of a plain folder of results files: a method that evaluated one dataset
+    only leaves '-' cells (sorted last), and a method name holding </script> and markup stays text."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    hostile = "</script><script>document.body.setAttribute('data-pwned','1')</script><b>bold"
+    for f in grid["out"].glob("eval/clip/zero-shot/*/seed0/clip-*.json"):   # the results files (mvtec-ad failed)
+        shutil.copy(f, folder / f.name)
+    visa = json.loads(next(folder.glob("*-visa.json")).read_text())
+    visa["config"]["method"]["name"] = hostile
+    (folder / "hostile-visa.json").write_text(json.dumps(visa))
+    rc, out, err = run_cli(capsys, "report", folder, "--out", tmp_path / "page", "--no-figure")
+    assert rc == 0, err
+    page = tmp_path / "page" / "index.html"
+    js = table_json(capsys, folder)
+    assert js["columns"] == ["clip", hostile]
+    assert any(r[hostile][0] is None for r in js["rows"])                 # bmad-brain: not evaluated
+    root = dom(tmp_path, page)
+    assert "data-pwned" not in root.find("body").attrs
+    assert not [b for b in root.find_all("b") if b.text() == "bold"]
+    assert_cells_equal_json(root, js)
+    desc = dom(tmp_path, page, "#sort=-1%3Aimage_auroc")
+    assert [r["dataset"] for r in results_rows(desc)][-2:] == ["bmad-brain", "medical average"]  # '-' last
+    asc = dom(tmp_path, page, "#sort=1%3Aimage_auroc")
+    assert [r["dataset"] for r in results_rows(asc)][-2:] == ["bmad-brain", "medical average"]
+    assert "left out (--no-figure)" in root.find("section", id="figure").text()
+
+
+# ---- what is already there ---------------------------------------------------------------------
+
+def test_a_page_zsadx_did_not_write_is_never_replaced(grid, report, tmp_path, capsys):
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("<html>my lab's home page</html>")
+    rc, out, err = run_cli(capsys, "report", grid["out"], "--out", mine, "--no-figure")
+    assert rc == 2
+    line = one_error_line(err)
+    assert str(mine / "index.html") in line and "not a zsadx report" in line
+    assert (mine / "index.html").read_text() == "<html>my lab's home page</html>"
+    # A page it wrote it replaces (here: a copy of the module's report, now without the figure).
+    again = tmp_path / "again"
+    shutil.copytree(report.parent, again)
+    assert "left out (--no-figure)" not in (again / "index.html").read_text()
+    rc, out, err = run_cli(capsys, "report", grid["out"], "--out", again, "--no-figure")
+    assert rc == 0, err
+    assert "left out (--no-figure)" in (again / "index.html").read_text()
+
+
+def test_report_of_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "report", tmp_path / "nope", "--out", tmp_path / "page")
+    assert rc == 2
+    assert "nope" in one_error_line(err)
+    assert not (tmp_path / "page").exists()
