@@ -171,9 +171,12 @@ def decode_raw(data: bytes | bytearray, channels: int) -> np.ndarray:
     """.npy bytes -> uint8 (H, W, channels) or (H, W) when ``channels`` is 1; a ValueError says what
     is wrong (the caller names the shard and key)."""
     buf = io.BytesIO(data)
-    if np.lib.format.read_magic(buf) != (1, 0):
-        raise ValueError("not a zsadx raw member (.npy version 1.0)")
-    shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=1024)
+    try:
+        if np.lib.format.read_magic(buf) != (1, 0):
+            raise ValueError("a .npy version other than 1.0")
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=1024)
+    except ValueError as exc:
+        raise ValueError(f"not a zsadx raw member ({exc})") from None
     want_ndim = 2 if channels == 1 else 3
     if dtype != np.uint8 or fortran or len(shape) != want_ndim or (want_ndim == 3 and shape[2] != channels):
         raise ValueError(f"raw member holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, "
