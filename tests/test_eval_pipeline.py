@@ -198,3 +198,49 @@ def test_uint8_images_are_normalised_on_the_device(shards, tmp_path, monkeypatch
 
 def overlay_pixels(out: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p), dtype=int) for p in sorted((out / "overlays").rglob("*.png"))}
+
+
+# ------------------------------------------------------------------------------------------
+# Metric state on the device: the torch path through evaluate() gives the numpy path's file
+# ------------------------------------------------------------------------------------------
+
+def close_metrics(a: dict, b: dict, tol: float = 1e-9) -> None:
+    """Per class and mean, each metric equal to ``tol`` (both are exact: only float sums differ)."""
+    assert a["per_class"].keys() == b["per_class"].keys()
+    for c in a["per_class"]:
+        for k, v in a["per_class"][c].items():
+            assert b["per_class"][c][k] == pytest.approx(v, abs=tol, rel=0), (c, k)
+    for k, v in a["mean"].items():
+        assert b["mean"][k] == pytest.approx(v, abs=tol, rel=0), k
+
+
+def beside_metrics(results: dict) -> dict:
+    return {k: v for k, v in measured_apart(results).items() if k not in ("per_class", "mean")}
+
+
+@pytest.mark.parametrize("method", ["methods/clip-tiny", "methods/fade-tiny"])
+def test_metric_state_on_the_device_gives_the_host_results_file(shards, tmp_path, method):
+    """On this CPU, metrics_on=device runs the torch path the evaluator takes on a GPU (maps never
+    copied to the host, torch sort and scans): the same file as the numpy path, metrics to 1e-9."""
+    host = eval_cfg(shards, tmp_path / "host", method, metrics_on="host", save_overlays=1, paper_compat="true")
+    dev = eval_cfg(shards, tmp_path / "dev", method, metrics_on="device", save_overlays=1, paper_compat="true")
+    for cfg in (host, dev):
+        evaluate(cfg)
+    assert results_name(host) == results_name(dev)
+    a, b = saved(tmp_path / "host", host), saved(tmp_path / "dev", dev)
+    close_metrics(a, b)
+    assert beside_metrics(a) == beside_metrics(b)  # scores, counts, paper_compat, coverage: equal
+    assert overlay_bytes(tmp_path / "host") == overlay_bytes(tmp_path / "dev") != {}
+    assert {k for k in a["config"] if a["config"][k] != b["config"][k]} == {"metrics_on", "out_dir"}
+
+
+def test_auto_keeps_the_metric_state_on_the_host_on_a_cpu_and_on_the_gpu_otherwise():
+    from zsadx.eval.evaluator import metric_state_device
+
+    cfg = load_config(EvalConfig, data={"method": load_yaml("methods/clip-tiny"), "data": {"shards": "-", "dataset": "-"}})
+    assert metric_state_device(cfg, torch.device("cpu")) is None
+    assert metric_state_device(cfg, torch.device("cuda", 1)) == torch.device("cuda", 1)
+    cfg.metrics_on = "host"
+    assert metric_state_device(cfg, torch.device("cuda", 0)) is None
+    cfg.metrics_on = "device"
+    assert metric_state_device(cfg, torch.device("cpu")) == torch.device("cpu")

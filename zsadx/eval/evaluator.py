@@ -68,6 +68,10 @@ class EvalConfig:
     # Metrics in a background thread, overlapping loading and the model; false: one stage after the
     # other (the same results, slower). Neither changes the numbers, so neither is in the file name.
     pipeline: bool = True
+    # Where the metric state lives and is reduced: host (numpy), device (torch tensors on the
+    # evaluator's device, also on a CPU), auto (device on a GPU, host elsewhere). The same values
+    # to float rounding (1e-9), so not in the file name either.
+    metrics_on: Literal["auto", "host", "device"] = "auto"
     tracking: TrackerConfig = field(default_factory=TrackerConfig)
 
     def validate(self) -> None:
@@ -190,7 +194,8 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda")
     stem = results_stem(cfg)  # hashes the checkpoint: once
-    sink = MetricSink(cfg, {c: ClassMetrics(c, pixel=has_masks) for c in classes}, has_masks,
+    state_device = metric_state_device(cfg, device)
+    sink = MetricSink(cfg, {c: ClassMetrics(c, pixel=has_masks, device=state_device) for c in classes}, has_masks,
                       Path(cfg.out_dir) / "overlays" / stem, rank)
     clock = StageClock()
     with progress_bar(cfg, ds.rank_count(), rank) as bar:
@@ -245,6 +250,14 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
 
 # Keys of the results file that are measurements of this run's speed, not of the method.
 TIMING_KEYS = ("seconds", "model_seconds", "images_per_second", "stage_seconds")
+
+
+def metric_state_device(cfg: EvalConfig, device: torch.device) -> Optional[torch.device]:
+    """The device the metric state lives on (None: host numpy). On a GPU the maps then never
+    cross to the host: the sort and scans that reduce them run there too."""
+    if cfg.metrics_on == "device" or (cfg.metrics_on == "auto" and device.type == "cuda"):
+        return device
+    return None
 
 
 @dataclass
@@ -336,6 +349,7 @@ class MetricSink:
     def __init__(self, cfg: EvalConfig, acc: dict[str, ClassMetrics], has_masks: bool, overlay_dir: Path,
                  rank: int):
         self.cfg, self.acc, self.has_masks, self.overlay_dir, self.rank = cfg, acc, has_masks, overlay_dir, rank
+        self.on_device = any(a.device is not None for a in acc.values())
         self.scores: list[dict] = []
         self.overlays_done: dict[str, int] = {}
         self.seconds = 0.0
@@ -344,10 +358,12 @@ class MetricSink:
     def __call__(self, scored: ScoredBatch) -> None:
         t0 = time.perf_counter()
         batch = scored.batch
-        maps, scores = scored.maps.cpu(), scored.scores.cpu()
+        scores = scored.scores.cpu()  # B numbers, for the per-image list
+        # Maps stay where the metric state is: on the device they are never copied whole to the host.
+        maps, fed = (scored.maps, scored.scores) if self.on_device else (scored.maps.cpu(), scores)
         for c in set(batch["cls"]):
             idx = [i for i, x in enumerate(batch["cls"]) if x == c]
-            self.acc[c].add(scores[idx], batch["label"][idx], maps[idx] if self.has_masks else None,
+            self.acc[c].add(fed[idx], batch["label"][idx], maps[idx] if self.has_masks else None,
                             batch["mask"][idx] if self.has_masks else None,
                             batch=f"{scored.number} (rank {self.rank})",
                             has_mask=torch.as_tensor(batch["has_mask"])[idx])
@@ -541,5 +557,5 @@ def _overlays(cfg: EvalConfig, folder: Path, batch: dict, maps: torch.Tensor, do
         if done.get(c, 0) >= cfg.save_overlays:
             continue
         done[c] = done.get(c, 0) + 1
-        overlay_png(folder / f"{batch['key'][i].replace('/', '_')}.png", batch["image"][i].cpu(), maps[i],
+        overlay_png(folder / f"{batch['key'][i].replace('/', '_')}.png", batch["image"][i].cpu(), maps[i].cpu(),
                     batch["mask"][i])
