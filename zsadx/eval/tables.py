@@ -212,9 +212,10 @@ def build_per_class(records: Sequence[Record], metrics: Sequence[str], axis: str
     check_metrics(metrics, records)
     cols = _columns(records, axis, columns)
     labels = _row_labels(records)
+    subsets = {label for r, label in zip(records, labels) if r.subset}
     rows, cells = [], {}
     for dom, datasets in _datasets_by_domain(records, labels).items():
-        for ds in datasets:
+        for ds in sorted(datasets, key=lambda d: d in subsets):   # as in build: the subsets after the full sets
             mine = [r for r, label in zip(records, labels) if label == ds]
             classes = list(dict.fromkeys(c for r in mine for c in r.per_class))
             for c in [*classes, None]:
