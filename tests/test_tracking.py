@@ -12,8 +12,14 @@ import pytest
 
 from conftest import launch_cmd, make_shards, one_error_line, run_checked, run_cli
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
+# MLflow is checked where it is installed (mlflow or mlflow-skinny), through a file store.
+MLFLOW = importlib.util.find_spec("mlflow") is not None
+needs_mlflow = pytest.mark.skipif(not MLFLOW, reason="mlflow is not installed")
+TRAIN_TRACKERS = "tracking.log_with=[wandb, mlflow]" if MLFLOW else "tracking.log_with=[wandb]"
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +94,30 @@ def wandb_run(run_dir: Path) -> dict:
             "group": run.run_group, "job_type": run.job_type, "history": history}
 
 
+def mlflow_run(logging_dir: Path, run_id: str | None = None) -> dict:
+    """The run in the file store under ``logging_dir`` (the only one, or ``run_id``): name, tags,
+    params, metric histories {key: [(step, value)]} and artifact paths."""
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(logging_dir / "mlruns").as_uri())
+    if run_id is None:
+        (exp,) = [e for e in client.search_experiments() if e.name == "zsadx"]
+        (run,) = client.search_runs([exp.experiment_id])
+        run_id = run.info.run_id
+    run = client.get_run(run_id)
+    history = {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in run.data.metrics}
+
+    def artifacts(path=None):
+        for a in client.list_artifacts(run_id, path):
+            yield from (artifacts(a.path) if a.is_dir else [a.path])
+
+    return {"id": run_id, "name": run.data.tags.get("mlflow.runName"), "tags": run.data.tags,
+            "params": run.data.params, "history": history, "artifacts": list(artifacts())}
+
+
 def offline_runs(logging_dir: Path) -> list[Path]:
     return sorted((logging_dir / "wandb").glob("offline-run-*"))
 
@@ -105,7 +135,7 @@ def trained(shards, tmp_path_factory) -> tuple[Path, str]:
     """3 steps, checkpoints at 2 and 3; TensorBoard through the old ``tensorboard: true`` alias."""
     out = tmp_path_factory.mktemp("tracked") / "run"
     proc = run_checked(train_cmd(shards, out, "max_steps=3", "checkpoint_every=2", "tensorboard=true",
-                                 "tracking.log_with=[wandb]", "tracking.tags={lab: vision}"))
+                                 TRAIN_TRACKERS, "tracking.tags={lab: vision}"))
     return out, proc.stderr
 
 
@@ -138,7 +168,7 @@ def test_resumed_training_continues_its_tracker_runs(trained, shards, tmp_path):
     shutil.rmtree(out / "checkpoints" / "step-00000003")
     (out / "final.pt").unlink()
     run_checked(train_cmd(shards, out, "max_steps=4", "checkpoint_every=2", "tensorboard=true",
-                          "tracking.log_with=[wandb]", "tracking.tags={lab: vision}", "resume=latest"))
+                          TRAIN_TRACKERS, "tracking.tags={lab: vision}", "resume=latest"))
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     # Same TensorBoard folder; the killed run's step 3 is purged, the resumed run's step 3 stays.
@@ -149,6 +179,11 @@ def test_resumed_training_continues_its_tracker_runs(trained, shards, tmp_path):
     first, second = offline_runs(out / "trackers")
     assert wandb_run(first)["id"] == wandb_run(second)["id"]
     assert [s for s, _ in wandb_run(second)["history"]["train/loss"]] == [3, 4]
+    if MLFLOW:  # the same MLflow run, continued (its history keeps both step 3s)
+        run = mlflow_run(out / "trackers", json.loads((out / "trackers.json").read_text())["mlflow"])
+        assert run["id"] == json.loads((trained[0] / "trackers.json").read_text())["mlflow"]
+        assert [s for s, _ in run["history"]["train/loss"]] == [1, 2, 3, 3, 4]
+        assert run["history"]["train/loss"][-1][1] == pytest.approx(log[-1]["loss"], rel=1e-12)
 
 
 def test_overwrite_deletes_the_runs_tracker_files(trained, shards, tmp_path):
@@ -161,6 +196,19 @@ def test_overwrite_deletes_the_runs_tracker_files(trained, shards, tmp_path):
     assert [s for s, _ in tb_scalars(out / "trackers" / "zsadx")["train/loss"]] == [1]
 
 
+@needs_mlflow
+def test_training_logs_to_an_mlflow_file_store(trained):
+    out = trained[0]
+    run = mlflow_run(out / "trackers")
+    assert run["id"] == json.loads((out / "trackers.json").read_text())["mlflow"]
+    assert run["name"] == "run" and run["tags"]["lab"] == "vision"
+    assert run["params"]["optim.lr"] == "0.001" and run["params"]["max_steps"] == "3"
+    log = read_log(out)
+    for key in ("loss", "lr", "samples_per_second", "global", "local"):
+        assert [s for s, _ in run["history"][f"train/{key}"]] == [1, 2, 3], key
+        assert [v for _, v in run["history"][f"train/{key}"]] == pytest.approx([r[key] for r in log], rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +217,8 @@ def test_eval_logs_per_class_and_mean_metrics_and_overlays(shards, tmp_path, cap
     out = tmp_path / "eval"
     rc, _, err = run_cli(capsys, "eval", "--method", "methods/winclip-tiny", "--shards", shards, "--dataset",
                          "mvtec-ad", "--classes", "bottle", "cable", "carpet", "--out", out, "data.num_workers=0",
-                         "progress=false", "tracking.log_with=[tensorboard, wandb]", "tracking.images=2",
+                         "progress=false", f"tracking.log_with=[tensorboard, wandb{', mlflow' if MLFLOW else ''}]",
+                         "tracking.images=2",
                          "tracking.run_name=winclip-mvtec", "tracking.tags={lab: vision}")
     assert rc == 0, err
     (result,) = out.glob("winclip-*-mvtec-ad.json")
@@ -191,6 +240,12 @@ def test_eval_logs_per_class_and_mean_metrics_and_overlays(shards, tmp_path, cap
     for key, value in expected.items():
         assert run["history"][key] == [(0, pytest.approx(value, rel=1e-12))], key
     assert len(list((run_dir / "files" / "media" / "images").rglob("*.png"))) == 2
+    if MLFLOW:
+        run = mlflow_run(out / "trackers")
+        assert run["name"] == "winclip-mvtec" and run["tags"]["lab"] == "vision"
+        for key, value in expected.items():
+            assert run["history"][key] == [(0, pytest.approx(value, rel=1e-12))], key
+        assert len(run["artifacts"]) == 2 and all(a.startswith("eval/mvtec-ad/overlays/") for a in run["artifacts"])
 
 
 def test_unknown_tracker_and_missing_package_are_one_line_errors(shards, capsys, tmp_path):

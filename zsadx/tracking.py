@@ -139,12 +139,30 @@ def prepare_stores(cfg: TrackerConfig, out_dir: str | os.PathLike) -> None:
     if "mlflow" in cfg.log_with:
         import mlflow
 
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (where / "mlruns").resolve().as_uri())
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # offline: a file store in the run's folder (MLflow 3 asks for this opt-in)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (where / "mlruns").resolve().as_uri()
+        mlflow.set_tracking_uri(uri)
 
 
-def tracker_config(cfg: TrackerConfig, config: dict) -> dict[str, Any]:
-    """The flattened run config with the tags, as the trackers' hyperparameters."""
-    return {**flatten_config(config), **{f"tags.{k}": str(v) for k, v in cfg.tags.items()}}
+def tracker_config(config: dict) -> dict[str, Any]:
+    """The flattened run config with its tracking tags, as the trackers' hyperparameters."""
+    tags = (config.get("tracking") or {}).get("tags") or {}
+    return {**flatten_config(config), **{f"tags.{k}": str(v) for k, v in tags.items()}}
+
+
+def store_configuration(trackers: list, config: dict, first: Optional[dict] = None) -> None:
+    """The run config as each tracker's hyperparameters. On a resume (``first``: the config the
+    run started with) MLflow, whose params cannot change, keeps the first values of the keys a
+    resume may change (max_steps, ...); the others show the resumed run's."""
+    values = tracker_config(config)
+    kept = tracker_config(first) if first is not None else {}
+    for t in trackers:
+        if t.name == "mlflow":
+            t.store_init_configuration({k: v for k, v in values.items() if kept.get(k, v) == v})
+        else:
+            t.store_init_configuration(values)
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,7 +251,7 @@ def start_trackers(cfg: TrackerConfig, out_dir: str | os.PathLike, config: dict,
             trackers.append(cls(cfg.project, **kwargs.get(name, {})))
     for t in trackers:
         t.start()
-        t.store_init_configuration(tracker_config(cfg, config))
+    store_configuration(trackers, config)
     return trackers
 
 

@@ -73,22 +73,25 @@ def tracker_arguments(trackers: TrackerConfig, out_dir: str) -> dict:
             "project_config": ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(where))}
 
 
-def start_tracking(acc, cfg: TrainConfig, resume_step: Optional[int]) -> None:
-    """Start the run's trackers on the main process; a resumed run continues its tracker runs."""
+def start_tracking(acc, cfg: TrainConfig, resumed: Optional[dict]) -> None:
+    """Start the run's trackers on the main process; a resumed run (``resumed``: its checkpoint's
+    state) continues its tracker runs."""
     trackers = cfg.trackers()
     if not trackers.log_with:
         return
     if cfg.tensorboard and acc.is_main_process:
         log.warning("tensorboard: true is deprecated (it now means tracking.log_with=[tensorboard]); its event "
                     "files are in %s", tracking.logging_dir(trackers, cfg.out_dir) / trackers.project)
-    ids = tracking.read_run_ids(cfg.out_dir) if resume_step is not None else {}
+    resume_step = resumed["step"] if resumed is not None else None
+    ids = tracking.read_run_ids(cfg.out_dir) if resumed is not None else {}
     ids = tracking.new_run_ids(trackers, ids)
-    if acc.is_main_process:
-        tracking.prepare_stores(trackers, cfg.out_dir)
-    acc.init_trackers(trackers.project, config=tracking.tracker_config(trackers, to_dict(cfg)),
-                      init_kwargs=tracking.init_kwargs(trackers, cfg.out_dir, "train", ids, resume_step))
-    if acc.is_main_process:
-        tracking.write_run_ids(cfg.out_dir, tracking.started_run_ids(acc.trackers, ids))
+    if not acc.is_main_process:
+        return
+    tracking.prepare_stores(trackers, cfg.out_dir)
+    acc.init_trackers(trackers.project, init_kwargs=tracking.init_kwargs(trackers, cfg.out_dir, "train", ids,
+                                                                          resume_step))
+    tracking.store_configuration(acc.trackers, to_dict(cfg), resumed["config"] if resumed is not None else None)
+    tracking.write_run_ids(cfg.out_dir, tracking.started_run_ids(acc.trackers, ids))
 
 
 def train_values(rec: dict, optimizer) -> dict[str, float]:
@@ -339,7 +342,7 @@ def _train(cfg: TrainConfig, acc) -> dict:
 
     pre = _Preemption()
     pre.install()
-    start_tracking(acc, cfg, step if state is not None else None)
+    start_tracking(acc, cfg, state)
     logf = open(out / "train_log.jsonl", "a") if acc.is_main_process else None
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and acc.is_main_process), unit="step",
                desc=f"train {cfg.method.name}")
