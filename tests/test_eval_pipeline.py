@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import make_shards, one_error_line, run_cli
 from zsadx.config import load_config, load_yaml
-from zsadx.data.transforms import EvalTransform, resize_image
+from zsadx.data.transforms import EvalTransform
 from zsadx.eval.evaluator import TIMING_KEYS, BackgroundStage, EvalConfig, evaluate, results_name
 
 DATASET = "mvtec-ad"
@@ -161,24 +161,22 @@ def test_the_last_failure_of_the_worker_surfaces_when_leaving():
 # Normalisation on the device: uint8 batches give what normalised float batches give
 # ------------------------------------------------------------------------------------------
 
-def uint8_image(self, im: Image.Image) -> torch.Tensor:
-    """What the loader hands over from now on: the resized image as uint8 (3, S, S)."""
-    return torch.from_numpy(np.array(resize_image(im, self.size), dtype=np.uint8)).permute(2, 0, 1).contiguous()
+def loader_image_dtype(shards: Path) -> torch.dtype:
+    from zsadx.data.loaders import EvalShards
 
-
-def float_image(self, im: Image.Image) -> torch.Tensor:
-    """The loader before: normalised float32 in the worker, (v / 255 - mean) / std."""
-    v = uint8_image(self, im).float() / 255.0
-    return (v - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+    return next(iter(EvalShards(shards, DATASET, CLASSES[:1], "test", EvalTransform(size=64))))["image"].dtype
 
 
 @pytest.mark.parametrize("method,shots", [("methods/clip-tiny", 0), ("methods/winclip-tiny", 1)])
 def test_uint8_images_are_normalised_on_the_device(shards, tmp_path, monkeypatch, method, shots):
-    """Batches and few-shot references decoded as uint8 score as the normalised floats do, and the
-    overlays show the same image (they are drawn from the normalised batch)."""
+    """Batches and few-shot references decoded as uint8 (the loader) score as the normalised floats
+    the loader gave before (``EvalTransform.image`` in its place), and the overlays show the same
+    image (they are drawn from the normalised batch)."""
     runs = {}
-    for name, decode in (("float", float_image), ("uint8", uint8_image)):
-        monkeypatch.setattr(EvalTransform, "image", decode)
+    for name in ("uint8", "float"):
+        if name == "float":
+            monkeypatch.setattr(EvalTransform, "pixels", EvalTransform.image)
+        assert loader_image_dtype(shards) == {"uint8": torch.uint8, "float": torch.float32}[name]
         cfg = eval_cfg(shards, tmp_path / name, method, save_overlays=1, **{"method.shots": shots})
         runs[name] = evaluate(cfg)
     f, u = runs["float"], runs["uint8"]
