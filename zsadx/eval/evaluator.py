@@ -7,6 +7,10 @@ merges and computes: the numbers are those of one process, since the metrics are
 depend on order. The results file is written atomically (temp file + rename), under a name that
 differs for every method config, checkpoint, dataset, class selection, shot count and seed
 (:func:`results_stem`). Anomalous images without a mask count for the image metrics only.
+
+The batch loop has three stages that overlap (:func:`score_batches`): loader workers decode
+uint8 images, the main thread normalises them on the device and runs the model, and a background
+thread accumulates the metrics (on the device when it is a GPU) behind a short queue.
 """
 from __future__ import annotations
 
