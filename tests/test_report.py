@@ -42,6 +42,10 @@ def grid(tmp_path_factory) -> dict:
     from zsadx.cli import main
 
     assert main(["grid", "run", str(root / "grid.yaml")]) == 1          # the two mvtec-ad cells failed
+    from launch import cache
+
+    status = {m["id"]: m["status"] for f in (root / "out").rglob("cell.json") for m in [cache.read_marker(f.parent)]}
+    assert sorted(status.values()) == ["done"] * 4 + ["failed"] * 2, status
     return {"root": root, "grid": root / "grid.yaml", "out": root / "out"}
 
 
@@ -55,8 +59,8 @@ def report(grid) -> Path:
     return page_dir / "index.html"
 
 
-def table_json(capsys, path, metrics: str = METRICS) -> dict:
-    rc, out, err = run_cli(capsys, "table", path, "--format", "json", "--metrics", metrics)
+def table_json(capsys, path, metrics: str = METRICS, *extra: str) -> dict:
+    rc, out, err = run_cli(capsys, "table", path, "--format", "json", "--metrics", metrics, *extra)
     assert rc == 0, err
     return json.loads(out)
 
@@ -250,6 +254,28 @@ def test_metric_check_boxes_and_domain_views_from_the_hash(grid, report, tmp_pat
     averages = dom(tmp_path, report, "#view=averages")
     assert [r["dataset"] for r in results_rows(averages) if not r["hidden"]] == [
         r["dataset"] for r in js["rows"] if r["dataset"].endswith(" average")]
+
+
+@needs_chromium
+def test_per_class_view_equals_zsadx_table_per_class_json(grid, report, tmp_path, capsys):
+    js = table_json(capsys, grid["grid"], METRICS, "--per-class")
+    root = dom(tmp_path, report, "#view=medical")
+    tables_ = root.find("section", id="per-class").find_all("details")
+    assert [(d.attrs["data-domain"], d.attrs["data-dataset"]) for d in tables_] == list(
+        dict.fromkeys((r["domain"], r["dataset"]) for r in js["rows"]))
+    for d in tables_:
+        assert d.hidden() == (d.attrs["data-domain"] != "medical")          # the domain view applies here too
+        mine = [r for r in js["rows"] if r["dataset"] == d.attrs["data-dataset"]]
+        trs = d.find("tbody").find_all("tr")
+        assert [tr.find("td").text() for tr in trs] == [r["class"] for r in mine]
+        assert mine[-1]["mean_row"] and "avg" in trs[-1].classes()
+        for tr, r in zip(trs, mine):
+            values = [v for c in js["columns"] for v in r[c]]
+            cells = tr.find_all("td")[1:]
+            assert [td.text() for td in cells] == [expected_text(v) for v in values]
+            for td, v in zip(cells, values):
+                assert td.attrs["data-mean"] == "" if v is None else float(td.attrs["data-mean"]) == pytest.approx(
+                    v[0], rel=1e-12, abs=0)
 
 
 @needs_chromium

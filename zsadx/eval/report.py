@@ -143,39 +143,67 @@ def short_metric(metric: str) -> str:
     return metric
 
 
-def _results_head(table: tables.Table) -> str:
-    """Two header rows: the axis values (a group per column), then one sortable header per metric."""
-    top = [f'<th rowspan="2" data-key="domain">{_sort_link("domain", "domain", False)}</th>',
-           f'<th rowspan="2" data-key="dataset">{_sort_link("dataset", "dataset", False)}</th>']
-    top += [f'<th class="group" colspan="{len(table.metrics)}" data-group="{j}">{escape(col)}</th>'
-            for j, col in enumerate(table.columns)]
+def _grouped_head(first: Sequence[str], columns: Sequence[str], metrics: Sequence[str], sortable: bool) -> str:
+    """Two header rows: ``first`` (spanning both), a group per axis value, then one header per
+    metric of each group (a link that sorts by it when ``sortable``)."""
+    top = [*first, *(f'<th class="group" colspan="{len(metrics)}" data-group="{j}">{escape(col)}</th>'
+                     for j, col in enumerate(columns))]
     metric_row = []
-    for j, col in enumerate(table.columns):
-        for i, m in enumerate(table.metrics):
+    for j, col in enumerate(columns):
+        for i, m in enumerate(metrics):
             key = metric_key(j, m)
-            metric_row.append(f'<th class="m{i}" data-key="{_attr(key)}" data-column="{_attr(col)}" data-group="{j}" '
-                              f'data-metric="{_attr(m)}" title="{_attr(m)}">{_sort_link(key, escape(short_metric(m)), True)}</th>')
+            label = _sort_link(key, escape(short_metric(m)), True) if sortable else escape(short_metric(m))
+            key_attr = f' data-key="{_attr(key)}"' if sortable else ""
+            metric_row.append(f'<th class="m{i}"{key_attr} data-column="{_attr(col)}" data-group="{j}" '
+                              f'data-metric="{_attr(m)}" title="{_attr(m)}">{label}</th>')
     return "<thead><tr>" + "".join(top) + "</tr><tr>" + "".join(metric_row) + "</tr></thead>"
 
 
-def _results_cell(table: tables.Table, row: str, j: int, i: int) -> str:
-    v = table.cells[(row, table.columns[j])][i]
-    best = tables._best(table, row, i)
+def _value_cell(v: tables.Value, i: int, best: Optional[float], key: Optional[str] = None) -> str:
+    """One metric's cell: the table's text (bold when best), the numbers in data-mean / data-std."""
     is_best = best is not None and v is not None and v[0] == best
     text = escape(tables._fmt(v, False, "csv"))
     mean, std = (v if v is not None else (None, None))
-    return (f'<td class="m{i}{" best" if is_best else ""}" data-key="{_attr(metric_key(j, table.metrics[i]))}" '
-            f'data-mean="{_number(mean)}" data-std="{_number(std)}">{f"<b>{text}</b>" if is_best else text}</td>')
+    key_attr = f' data-key="{_attr(key)}"' if key else ""
+    return (f'<td class="m{i}{" best" if is_best else ""}"{key_attr} data-mean="{_number(mean)}" '
+            f'data-std="{_number(std)}">{f"<b>{text}</b>" if is_best else text}</td>')
 
 
 def results_table(table: tables.Table) -> str:
+    first = [f'<th rowspan="2" data-key="domain">{_sort_link("domain", "domain", False)}</th>',
+             f'<th rowspan="2" data-key="dataset">{_sort_link("dataset", "dataset", False)}</th>']
     rows = []
     for dom, row in table.rows:
         kind = "avg" if row == f"{dom} average" else ("subset" if row in table.subset_rows else "dataset")
         tds = [f'<td data-key="domain">{escape(dom)}</td>', f'<td data-key="dataset">{escape(row)}</td>']
-        tds += [_results_cell(table, row, j, i) for j in range(len(table.columns)) for i in range(len(table.metrics))]
+        tds += [_value_cell(table.cells[(row, col)][i], i, tables._best(table, row, i), metric_key(j, m))
+                for j, col in enumerate(table.columns) for i, m in enumerate(table.metrics)]
         rows.append(f'<tr class="{kind}" data-domain="{_attr(dom)}">' + "".join(tds) + "</tr>")
-    return f'<table id="results">{_results_head(table)}<tbody>' + "\n".join(rows) + "</tbody></table>"
+    head = _grouped_head(first, table.columns, table.metrics, sortable=True)
+    return f'<table id="results">{head}<tbody>' + "\n".join(rows) + "</tbody></table>"
+
+
+def per_class_tables(table: tables.ClassTable) -> str:
+    """The per-class view (``zsadx table --per-class``): a table per dataset, its classes then its
+    mean row; the metric check boxes apply here too."""
+    datasets = list(dict.fromkeys((dom, ds) for dom, ds, _ in table.rows))
+    first = ['<th rowspan="2">class</th>']
+    parts = []
+    for dom, ds in datasets:
+        classes = [c for d, name, c in table.rows if name == ds and d == dom]
+        trs = []
+        for c in classes:
+            values = [table.cells[(ds, c, col)] for col in table.columns]
+            bests = [tables._best_of([v[i] for v in values]) for i in range(len(table.metrics))]
+            tds = "".join(_value_cell(v[i], i, bests[i]) for v in values for i in range(len(table.metrics)))
+            label = "mean" if c is None else c
+            trs.append(f'<tr class="{"avg" if c is None else "class"}"><td class="class">{escape(label)}</td>{tds}</tr>')
+        n = len(classes) - 1
+        parts.append(f'<details class="per-class" data-domain="{_attr(dom)}" data-dataset="{_attr(ds)}" open>'
+                     f"<summary>{escape(ds)} ({escape(dom)}, {n} class{'es' if n != 1 else ''})</summary>"
+                     f'<table class="per-class">{_grouped_head(first, table.columns, table.metrics, sortable=False)}'
+                     "<tbody>" + "".join(trs) + "</tbody></table></details>")
+    return "".join(parts)
 
 
 def metric_boxes(table: tables.Table) -> str:
@@ -239,7 +267,7 @@ STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0} th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f6f8;vertical-align:bottom} td[data-key=domain],td[data-key=dataset],#cells td{text-align:left}
+th{background:#f4f6f8;vertical-align:bottom} td[data-key=domain],td[data-key=dataset],td.class,#cells td,#cells th{text-align:left}
 th a.sort{color:#124;text-decoration:none} th a.sort:hover{text-decoration:underline}
 th[aria-sort=ascending] a.sort::after{content:" \\25B2"} th[aria-sort=descending] a.sort::after{content:" \\25BC"}
 .metric{font-weight:normal;color:#555;font-size:12px} tr.avg td{background:#f8f8f0;font-style:italic}
@@ -257,7 +285,7 @@ SCRIPT = r"""
   var table = document.getElementById('results');
   if (!table) return;
   var heads = Array.prototype.slice.call(table.tHead.querySelectorAll('th[data-key]'));  // a row's cells, in order
-  var groups = Array.prototype.slice.call(table.tHead.querySelectorAll('th.group'));
+  var groups = Array.prototype.slice.call(document.querySelectorAll('th.group'));
   var body = table.tBodies[0];
   var original = Array.prototype.slice.call(body.rows);
   var boxes = Array.prototype.slice.call(document.querySelectorAll('.metric-box'));
@@ -317,7 +345,8 @@ SCRIPT = r"""
       });
     });
     groups.forEach(function (g) {  // a column's group header spans its shown metrics
-      var n = heads.filter(function (th) {
+      var mine = g.parentNode.parentNode.querySelectorAll('th[data-metric]');
+      var n = Array.prototype.filter.call(mine, function (th) {
         return th.dataset.group === g.dataset.group && th.style.display !== 'none';
       }).length;
       g.colSpan = Math.max(n, 1);
@@ -330,6 +359,9 @@ SCRIPT = r"""
     original.forEach(function (r) {
       var shown = v === 'all' || (v === 'averages' ? r.classList.contains('avg') : r.dataset.domain === v);
       r.style.display = shown ? '' : 'none';
+    });
+    document.querySelectorAll('details.per-class').forEach(function (d) {  // the domain's per-class tables
+      d.style.display = v === 'all' || v === 'averages' || d.dataset.domain === v ? '' : 'none';
     });
   }
   function apply() {
@@ -360,8 +392,7 @@ def _section(title: str, body: str, section_id: str) -> str:
 def results_sections(table: Optional[tables.Table]) -> str:
     if table is None:
         return _section("Results", '<p class="note">no finished evaluations yet</p>', "results-section")
-    caption = (" / ".join(escape(m) for m in table.metrics) + " x100; mean±std over seeds; '-' = missing; "
-               "click a header to sort")
+    caption = "x100; mean±std over seeds; best per row and metric bold; '-' = missing; click a header to sort"
     if table.subset_rows:
         caption += "; 'k/n classes': evaluated on k of the dataset's n classes, left out of the domain average"
     controls = f'<div class="controls">{metric_boxes(table)}{view_menu(table)}</div>'
@@ -377,10 +408,19 @@ def figure_section(figure_png: Optional[bytes], note: Optional[str]) -> str:
     return _section("Qualitative figure", body + (f'<p class="note">{escape(note)}</p>' if note else ""), "figure")
 
 
-def page(title: str, table: Optional[tables.Table], cells: Sequence[CellInfo], out_dir: Path,
-         per_class: str = "", figure_png: Optional[bytes] = None, figure_note: Optional[str] = None) -> str:
+def per_class_section(table: Optional[tables.ClassTable]) -> str:
+    if table is None:
+        return ""
+    note = ('<p class="note">per dataset: its classes, then the mean row (the results files\' mean over '
+            "classes, as in the results table); x100, mean±std over seeds</p>")
+    return _section("Per class", note + per_class_tables(table), "per-class")
+
+
+def page(title: str, table: Optional[tables.Table], class_table: Optional[tables.ClassTable],
+         cells: Sequence[CellInfo], out_dir: Path, figure_png: Optional[bytes] = None,
+         figure_note: Optional[str] = None) -> str:
     parts = [f'<h1>{escape(title)}</h1><p class="note">cells: {status_summary(cells)}</p>',
-             results_sections(table), per_class, figure_section(figure_png, figure_note),
+             results_sections(table), per_class_section(class_table), figure_section(figure_png, figure_note),
              _section("Cells", cells_table(cells, out_dir), "cells-section")]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta name="generator" content="{GENERATOR}"><title>{escape(title)}</title>'
@@ -410,11 +450,13 @@ def default_metrics(records: Sequence[tables.Record]) -> list[str]:
     return [m for m in METRIC_NAMES if m in held] or list(DEFAULT_CHECKED)
 
 
-def build_table(records: Sequence[tables.Record], metrics: Optional[Sequence[str]],
-                axis: str) -> Optional[tables.Table]:
+def build_tables(records: Sequence[tables.Record], metrics: Optional[Sequence[str]],
+                 axis: str) -> tuple[Optional[tables.Table], Optional[tables.ClassTable]]:
+    """The results table and the per-class table (None, None without finished evaluations)."""
     if not records:
-        return None
-    return tables.build(records, list(metrics) if metrics else default_metrics(records), axis)
+        return None, None
+    metrics = list(metrics) if metrics else default_metrics(records)
+    return tables.build(records, metrics, axis), tables.build_per_class(records, metrics, axis)
 
 
 @dataclass
@@ -455,11 +497,11 @@ def write_report(root: str | Path, out_dir: str | Path, metrics: Optional[Sequen
         raise ReportError(f"{root}: no such folder (give a grid config or a grid output folder)")
     target = out_dir / PAGE
     _check_replaceable(target)
-    table = build_table(tables.collect(root), metrics, axis)
+    table, class_table = build_tables(tables.collect(root), metrics, axis)
     cells = collect_cells(root)
     figure_png, figure_note = (draw_figure_png(root, figure) if figure is not None
                                else (None, "left out (--no-figure)"))
-    html = page(title or f"zsadx report: {root}", table, cells, out_dir, "", figure_png, figure_note)
+    html = page(title or f"zsadx report: {root}", table, class_table, cells, out_dir, figure_png, figure_note)
     out_dir.mkdir(parents=True, exist_ok=True)
     from zsadx.files import atomic_write_text
 
