@@ -16,7 +16,7 @@ Both run ``zsadx.eval.evaluate`` end to end (overlapped pipeline, loader workers
 in their own thread, so the three need not add up to 100%. On CUDA, timings synchronise the device
 and the peak is ``torch.cuda.max_memory_allocated`` (weights included).
 
-    python benchmarks/gpu.py [--images 256] [--methods anomalyclip adaclip ...] [--max-batch 128] [--json out.json]
+    python benchmarks/gpu.py [--images 512] [--methods anomalyclip adaclip ...] [--max-batch 128] [--json out.json]
     python benchmarks/gpu.py --smoke     # CPU, the tiny CLIP at 64 px, a few images: the CI check
 """
 from __future__ import annotations
@@ -85,7 +85,9 @@ def model_rate(method: dict, batch: int, device: torch.device, repeats: int = 3)
     m = build_method(cfg.method).to(device).eval()
     size = cfg.method.input_size or cfg.method.backbone.image_size
     classes = ["class0", "class1"]
-    refs = {c: torch.randn(cfg.method.shots, 3, size, size, device=device) for c in classes} if cfg.method.shots else None
+    refs = None
+    if cfg.method.shots:
+        refs = {c: torch.randn(cfg.method.shots, 3, size, size, device=device) for c in classes}
     m.prepare(classes, "industrial", refs)
     x = {"cls": [classes[i % 2] for i in range(batch)], "dataset": ["bench"] * batch,
          "domain": ["industrial"] * batch}
@@ -134,8 +136,9 @@ def timed_eval(shards: Path, out: Path, method: dict, device: torch.device, over
 
 def row_of(name: str, cfg: EvalConfig, setting: str, batch: int, r: dict) -> Row:
     st = r["stage_seconds"]
-    return Row(method=name, backbone=cfg.method.backbone.name, size=cfg.method.input_size or cfg.method.backbone.image_size,
-               setting=setting, batch=batch, images_per_second=r["images"] / st["total"], peak_gib=r["peak_gib"],
+    size = cfg.method.input_size or cfg.method.backbone.image_size
+    return Row(method=name, backbone=cfg.method.backbone.name, size=size, setting=setting, batch=batch,
+               images_per_second=r["images"] / st["total"], peak_gib=r["peak_gib"],
                load_share=st["load"] / st["total"], model_share=st["model"] / st["total"],
                metrics_share=st["metrics"] / st["total"])
 
@@ -162,7 +165,7 @@ def print_table(rows: list[Row]) -> None:
               f"{peak} {r.load_share:6.0%} {r.model_share:6.0%} {r.metrics_share:7.0%}")
 
 
-def describe(device: torch.device, args) -> str:
+def describe(device: torch.device) -> str:
     if device.type != "cuda":
         return f"cpu, {torch.get_num_threads()} threads"
     attention = (f"SDPA flash={torch.backends.cuda.flash_sdp_enabled()} "
@@ -174,12 +177,12 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny CLIP at 64 px, a few images")
     p.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(METHODS)}")
-    p.add_argument("--images", type=int, default=None, help="test images (default 256; smoke 8)")
+    p.add_argument("--images", type=int, default=None, help="test images (default 512; smoke 8)")
     p.add_argument("--max-batch", type=int, default=None, help="largest batch tried (default 128; smoke 2)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: cores - 2, at most 12)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
-    args.images = args.images or (8 if args.smoke else 256)
+    args.images = args.images or (8 if args.smoke else 512)
     args.max_batch = args.max_batch or (2 if args.smoke else 128)
     if args.workers is None:
         args.workers = 0 if args.smoke else max(1, min(12, (os.cpu_count() or 2) - 2))
@@ -189,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {METHODS}")
     size = 64 if args.smoke else 518
-    print(f"{args.images} synthetic {size} px images, {args.workers} loader workers; {describe(device, args)}")
+    print(f"{args.images} synthetic {size} px images, {args.workers} loader workers; {describe(device)}")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         shards = synthetic_shards(Path(tmp) / "data", args.images, size)

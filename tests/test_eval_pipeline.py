@@ -235,7 +235,8 @@ def test_metric_state_on_the_device_gives_the_host_results_file(shards, tmp_path
 def test_auto_keeps_the_metric_state_on_the_host_on_a_cpu_and_on_the_gpu_otherwise():
     from zsadx.eval.evaluator import metric_state_device
 
-    cfg = load_config(EvalConfig, data={"method": load_yaml("methods/clip-tiny"), "data": {"shards": "-", "dataset": "-"}})
+    cfg = load_config(EvalConfig, data={"method": load_yaml("methods/clip-tiny"),
+                                        "data": {"shards": "-", "dataset": "-"}})
     assert metric_state_device(cfg, torch.device("cpu")) is None
     assert metric_state_device(cfg, torch.device("cuda", 1)) == torch.device("cuda", 1)
     cfg.metrics_on = "host"
