@@ -62,6 +62,7 @@ def results(grid: Path) -> dict[str, dict]:
 def test_figure_rows_columns_and_one_colour_scale_per_row(grid, tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "figure", grid, "--dataset", "visa", "--images", "3", "--out", tmp_path / "fig.png")
     assert rc == 0 and f"figure: {tmp_path / 'fig.png'}" in out
+    assert figure.figure_datasets(out_dir(grid)) == ["visa"]
     data = figure.figure_data(out_dir(grid), "visa", images=3, methods=METHODS)
     assert [c.label for c in data.columns] == METHODS
     # Rows: three anomalous test images with masks, of three different classes (spread over them).
