@@ -50,7 +50,6 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers, cpu = [], False
-    trackers = cfg.trackers()
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             # accelerate leaves the backend unset without CUDA, and DeepSpeed then disagrees on the world size.
@@ -59,7 +58,7 @@ def make_accelerator(cfg: TrainConfig):
             # Without cpu=True accelerate silently falls back to DistributedType.NO: no gradient sync.
             cpu = True
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
-                       kwargs_handlers=handlers, cpu=cpu, **tracker_arguments(trackers, cfg.out_dir))
+                       kwargs_handlers=handlers, cpu=cpu, **tracker_arguments(cfg.trackers(), cfg.out_dir))
 
 
 def tracker_arguments(trackers: TrackerConfig, out_dir: str) -> dict:
@@ -77,19 +76,15 @@ def start_tracking(acc, cfg: TrainConfig, resumed: Optional[dict]) -> None:
     """Start the run's trackers on the main process; a resumed run (``resumed``: its checkpoint's
     state) continues its tracker runs."""
     trackers = cfg.trackers()
-    if not trackers.log_with:
+    if not trackers.log_with or not acc.is_main_process:
         return
-    if cfg.tensorboard and acc.is_main_process:
+    if cfg.tensorboard:
         log.warning("tensorboard: true is deprecated (it now means tracking.log_with=[tensorboard]); its event "
                     "files are in %s", tracking.logging_dir(trackers, cfg.out_dir) / trackers.project)
-    resume_step = resumed["step"] if resumed is not None else None
-    ids = tracking.read_run_ids(cfg.out_dir) if resumed is not None else {}
-    ids = tracking.new_run_ids(trackers, ids)
-    if not acc.is_main_process:
-        return
+    ids = tracking.new_run_ids(trackers, tracking.read_run_ids(cfg.out_dir) if resumed is not None else {})
     tracking.prepare_stores(trackers, cfg.out_dir)
-    acc.init_trackers(trackers.project, init_kwargs=tracking.init_kwargs(trackers, cfg.out_dir, "train", ids,
-                                                                          resume_step))
+    acc.init_trackers(trackers.project, init_kwargs=tracking.init_kwargs(
+        trackers, cfg.out_dir, "train", ids, resumed["step"] if resumed is not None else None))
     tracking.store_configuration(acc.trackers, to_dict(cfg), resumed["config"] if resumed is not None else None)
     tracking.write_run_ids(cfg.out_dir, tracking.started_run_ids(acc.trackers, ids))
 
