@@ -9,7 +9,7 @@ stage alone plus 15% (filling and draining the pipeline costs about one batch of
 stage, so the more batches the closer). Each figure is the fastest of ``--repeats`` runs on a
 shared machine: noisy.
 
-    python benchmarks/eval_pipeline.py [--images 240] [--size 224] [--batch 8] [--workers 1]
+    python benchmarks/eval_pipeline.py [--images 240] [--size 224] [--eval-size 224] [--batch 8] [--workers 1]
 """
 from __future__ import annotations
 
@@ -68,13 +68,14 @@ def eval_config(shards: Path, out: Path, method: dict, overrides: list[str]) -> 
     return load_config(EvalConfig, data=data, overrides=overrides)
 
 
-def tiny_method(name: str, size: int) -> dict:
+def tiny_method(name: str, size: int, eval_size: Optional[int] = None) -> dict:
+    """The method's tiny config at ``size`` px; maps and masks at ``eval_size`` (default: ``size``)."""
     method = load_yaml(f"methods/{name}-tiny")
     method.setdefault("backbone", {})["image_size"] = size
     if method.get("input_size"):
         method["input_size"] = size
-    if method.get("eval_size"):
-        method["eval_size"] = size
+    if method.get("eval_size") or eval_size:
+        method["eval_size"] = eval_size or size
     return method
 
 
@@ -140,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=240)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="maps and masks at this size (default: --size); larger weighs on the metrics")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the model stage")
@@ -150,10 +153,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards = synthetic_shards(tmp / "data", args.images, args.size)
-        print(f"{args.method}-tiny on {args.images} synthetic {args.size} px images (half with masks), batch "
+        print(f"{args.method}-tiny on {args.images} synthetic {args.size} px images (half with masks, metrics at "
+              f"{args.eval_size or args.size} px), batch "
               f"{args.batch}, {args.workers} loader worker(s), {args.threads} model thread(s), "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
-        method = tiny_method(args.method, args.size)
+        method = tiny_method(args.method, args.size, args.eval_size)
         overrides = [f"data.batch_size={args.batch}", f"data.num_workers={args.workers}",
                      f"untrained={str(is_trained(method['name'])).lower()}"]
         compare(shards, tmp / "out", method, overrides, args.repeats)
