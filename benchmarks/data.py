@@ -1,15 +1,27 @@
-"""Decoded, transformed 518 px images/s: zsadx shards vs a seed-style folder-of-PNG loader.
+"""Decoded 518 px images/s per core: zsadx shards in each format vs the decode-only bound, the
+loader as it was (float normalisation in the workers) and a seed-style folder-of-PNG loader.
 
-The folder loader does what the seeds' datasets do per item: PIL open, convert RGB, bicubic resize
-to 518, ToTensor + normalise, mask open + resize; read through a torch DataLoader with the same
-worker count. The shards hold the same images pre-resized to 518 (PNG, lossless) and are read by
-``EvalShards``. Images are synthetic at MVTec-like native size (default 900 px), half anomalous.
+One run prints all of it (issue 19 goal 3):
 
-    python benchmarks/data.py [--images 200] [--native 900] [--workers 2] [--format png]
+* ``decode bound``: PIL decoding the shards' own PNG bytes in a loop (no tar, no tensors) -- what a
+  PNG loader cannot beat on one core;
+* ``shards <fmt>``: :class:`EvalShards` in this process (one core: tar reading, decoding, the uint8
+  tensor, the mask), for png, webp (lossless), jpg (lossy) and raw (uncompressed uint8);
+* ``shards png, float in workers (before)``: the same, with the old per-sample float32 normalisation;
+* ``folder of PNG (seed-style)``: what the seeds' datasets do per item -- decode the native-size PNG,
+  resize bicubically to 518, ToTensor + normalise, mask open + resize;
+* the same through a torch DataLoader with ``--workers`` workers (total and per worker), and what a
+  batch costs to collate and to pin in uint8 and in float32.
+
+Images are synthetic at MVTec-like native size (default 900 px), half anomalous. The machine is
+shared: figures are noisy, compare the columns of one run.
+
+    python benchmarks/data.py [--images 120] [--native 900] [--workers 2]
 """
 from __future__ import annotations
 
 import argparse
+import io
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +31,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from zsadx.data.loaders import EvalShards
+from zsadx.data.loaders import EvalShards, collate
 from zsadx.data.records import Record, write_manifest
-from zsadx.data.shards import write_shards
+from zsadx.data.shards import iter_tar, select_shards, write_shards
 from zsadx.data.synthetic import sample, save, save_mask
 from zsadx.data.transforms import EvalTransform
+
+FORMATS = ("png", "webp", "jpg", "raw")
 
 
 class FolderLoader(Dataset):
@@ -43,6 +57,13 @@ class FolderLoader(Dataset):
         return {"image": image, "mask": mask, "label": r.label}
 
 
+class FloatInWorkers(EvalTransform):
+    """The loader before issue 19: each sample normalised to float32 where it is decoded."""
+
+    def pixels(self, im):
+        return self.image(im if isinstance(im, Image.Image) else Image.fromarray(im))
+
+
 def make_set(folder: Path, n: int, native: int) -> list[Record]:
     rng = np.random.default_rng(0)
     recs = []
@@ -56,44 +77,107 @@ def make_set(folder: Path, n: int, native: int) -> list[Record]:
     return recs
 
 
-def rate(loader) -> tuple[float, int]:
+def rate(batches) -> float:
     t0, n = time.perf_counter(), 0
-    for batch in loader:
+    for batch in batches:
         n += batch["image"].shape[0]
-    return n / (time.perf_counter() - t0), n
+    return n / (time.perf_counter() - t0)
+
+
+def best_rate(make, repeats: int) -> float:
+    """The best of ``repeats`` passes (the first also warms the page cache): the least disturbed
+    by the other work on a shared machine."""
+    return max(rate(make()) for _ in range(repeats))
+
+
+def decode_bound(root: Path, repeats: int) -> float:
+    pngs = [s["img.png"] for r in select_shards(root) for s in iter_tar(r.path)]
+
+    def decode_all():
+        for data in pngs:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+            yield {"image": torch.empty(1)}
+    return best_rate(decode_all, repeats)
+
+
+def in_process(root: Path, transform: EvalTransform):
+    return lambda: ({"image": s["image"][None]} for s in EvalShards(root, transform=transform))
+
+
+def batch_costs(root: Path, size: int, batch: int = 16) -> dict[str, tuple[float, float]]:
+    """(collate ms, pin_memory ms) per batch of ``batch`` samples, uint8 vs float32."""
+    samples = list(EvalShards(root, transform=EvalTransform(size=size)))[:batch]
+    floats = [{**s, "image": s["image"].float()} for s in samples]
+    out = {}
+    for name, group in (("uint8", samples), ("float32", floats)):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            b = collate(group)
+        t_collate = (time.perf_counter() - t0) / 5 * 1e3
+        t_pin = float("nan")
+        if torch.cuda.is_available():
+            t0 = time.perf_counter()
+            for _ in range(5):
+                b["image"].pin_memory()
+            t_pin = (time.perf_counter() - t0) / 5 * 1e3
+        out[name] = (t_collate, t_pin, b["image"].numel() * b["image"].element_size() / 1e6)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--images", type=int, default=120)
     ap.add_argument("--native", type=int, default=900)
     ap.add_argument("--size", type=int, default=518)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--format", default="png", choices=["png", "webp", "jpg"])
+    ap.add_argument("--repeats", type=int, default=2, help="passes per loader; the best is printed")
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        recs = make_set(tmp / "raw", args.images, args.native)
+        recs = make_set(tmp / "images", args.images, args.native)
         print(f"generated {args.images} images at {args.native}px in {time.perf_counter() - t0:.1f}s")
         write_manifest(recs, tmp / "manifest.jsonl")
-        t0 = time.perf_counter()
-        index = write_shards(tmp / "manifest.jsonl", tmp / "shards", size=args.size, fmt=args.format,
-                             workers=args.workers, progress=False)
-        print(f"sharded in {time.perf_counter() - t0:.1f}s: {index['bytes'] / 1e6:.1f} MB "
-              f"({index['bytes'] / args.images / 1e3:.0f} KB/image, {args.format})")
-        folder = DataLoader(FolderLoader(recs, args.size), batch_size=16, num_workers=args.workers)
-        shards = DataLoader(EvalShards(tmp / "shards", transform=EvalTransform(size=args.size)), batch_size=16,
-                            num_workers=args.workers)
-        rate(folder)  # warm the page cache so both read from memory
-        f_rate, fn = rate(folder)
-        s_rate, sn = rate(shards)
-        assert fn == sn == args.images
-        print(f"\n{'loader':32s} {'images/s':>10s}")
-        print(f"{'folder of PNG (seed-style)':32s} {f_rate:10.1f}")
-        print(f"{'zsadx shards (' + args.format + ', ' + str(args.size) + 'px)':32s} {s_rate:10.1f}")
-        print(f"{'ratio (target >= 2.0)':32s} {s_rate / f_rate:10.2f}x")
+        sizes = {}
+        for fmt in FORMATS:
+            t0 = time.perf_counter()
+            index = write_shards(tmp / "manifest.jsonl", tmp / f"shards-{fmt}", size=args.size, fmt=fmt, workers=args.workers,
+                                 progress=False)
+            sizes[fmt] = index["bytes"] / args.images / 1e3
+            print(f"sharded {fmt:4s} in {time.perf_counter() - t0:5.1f}s: {sizes[fmt]:6.0f} KB/image")
+        t = EvalTransform(size=args.size)
+        rows = [("decode bound: PIL decode of the PNG bytes", decode_bound(tmp / "shards-png", args.repeats), "")]
+        for fmt in FORMATS:
+            rows.append((f"shards {fmt} (uint8)", best_rate(in_process(tmp / f"shards-{fmt}", t), args.repeats),
+                         f"{sizes[fmt]:.0f} KB/img"))
+        rows.append(("shards png, float in workers (before)",
+                     best_rate(in_process(tmp / "shards-png", FloatInWorkers(size=args.size)), args.repeats), ""))
+        folder = FolderLoader(recs, args.size)
+        rows.append(("folder of PNG (seed-style)",
+                     best_rate(lambda: ({"image": folder[i]["image"][None]} for i in range(len(folder))),
+                               args.repeats), f"{args.native}px PNG"))
+        print(f"\none core, in-process ({args.size}px, {args.images} images, best of {args.repeats}):")
+        print(f"{'loader':44s} {'images/s':>9s} {'x bound':>8s}")
+        bound = rows[0][1]
+        for name, r, note in rows:
+            print(f"{name:44s} {r:9.1f} {r / bound:8.2f}  {note}")
+
+        w = args.workers
+        print(f"\nthrough a DataLoader, {w} workers, batch 16 (images/s total, per worker):")
+        loaders = {f"shards {fmt}": (lambda fmt=fmt: DataLoader(EvalShards(tmp / f"shards-{fmt}", transform=t), batch_size=16,
+                                                                num_workers=w)) for fmt in FORMATS}
+        loaders["shards png, float in workers (before)"] = lambda: DataLoader(
+            EvalShards(tmp / "shards-png", transform=FloatInWorkers(size=args.size)), batch_size=16, num_workers=w)
+        loaders["folder of PNG (seed-style)"] = lambda: DataLoader(folder, batch_size=16, num_workers=w)
+        for name, make in loaders.items():
+            r = best_rate(make, args.repeats)
+            print(f"{name:44s} {r:9.1f} {r / w:9.1f}")
+
+        print("\nper batch of 16 (collate in the worker; pin_memory needs CUDA):")
+        for name, (c, p, mb) in batch_costs(tmp / "shards-png", args.size).items():
+            print(f"{name:8s} {mb:6.1f} MB  collate {c:6.2f} ms  pin_memory {p:6.2f} ms")
 
 
 if __name__ == "__main__":

@@ -115,19 +115,20 @@ def npy_bytes(arr: np.ndarray, **kw) -> bytes:
 
 def hostile_header(shape: tuple) -> bytes:
     """A .npy header claiming ``shape`` followed by a few bytes: np.load would allocate it all."""
-    good = encode_raw(np.zeros((2, 2, 3), np.uint8))
-    return good.replace(b"(2, 2, 3)", repr(shape).encode(), 1)[:200]
+    good = encode_raw(np.zeros((3, 2, 2), np.uint8))
+    return good.replace(b"(3, 2, 2)", repr(shape).encode(), 1)[:200]
 
 
 @pytest.mark.parametrize("member,why", [
-    (npy_bytes(np.zeros((4, 4, 3), np.float64)), "expected uint8"),
+    (npy_bytes(np.zeros((3, 4, 4), np.float64)), "expected uint8"),
     (npy_bytes(np.zeros((4, 4), np.uint8)), "expected uint8"),
+    (npy_bytes(np.zeros((4, 4, 3), np.uint8)), r"expected uint8 \(3, H, W\)"),
     (npy_bytes(np.array([{"x": 1}], dtype=object), allow_pickle=True), "expected uint8"),
-    (npy_bytes(np.asfortranarray(np.zeros((4, 5, 3), np.uint8))), "Fortran"),
-    (encode_raw(np.zeros((4, 4, 3), np.uint8))[:-7], "bytes of pixels"),
-    (hostile_header((100000, 100000, 3)), "pixel limit"),
+    (npy_bytes(np.asfortranarray(np.zeros((3, 4, 5), np.uint8))), "Fortran"),
+    (encode_raw(np.zeros((3, 4, 4), np.uint8))[:-7], "bytes of pixels"),
+    (hostile_header((3, 100000, 100000)), "pixel limit"),
     (b"\x89PNG not an npy", "not a zsadx raw member"),
-], ids=["float64", "grey", "pickle", "fortran", "short", "huge", "not-npy"])
+], ids=["float64", "grey", "channels-last", "pickle", "fortran", "short", "huge", "not-npy"])
 def test_a_broken_raw_member_is_a_corrupt_sample_naming_its_key(member, why):
     sample = {"__key__": "k1", "json": json.dumps({"label": 0, "cls": "c", "dataset": "d", "domain": "x",
                                                     "key": "k1", "has_mask": False}).encode(), "img.npy": member}
@@ -143,7 +144,7 @@ def test_raw_at_original_size_is_resized_by_the_transform(tmp_path):
     Image.fromarray(pixels).save(png, "PNG")
     meta = json.dumps({"label": 0, "cls": "c", "dataset": "d", "domain": "x", "key": "k", "has_mask": False}).encode()
     t = EvalTransform(size=16)
-    from_raw = decode_sample({"json": meta, "img.npy": encode_raw(pixels)}, t)["image"]
+    from_raw = decode_sample({"json": meta, "img.npy": encode_raw(pixels.transpose(2, 0, 1))}, t)["image"]
     from_png = decode_sample({"json": meta, "img.png": png.getvalue()}, t)["image"]
     assert from_raw.shape == (3, 16, 16) and torch.equal(from_raw, from_png)
 

@@ -5,8 +5,8 @@ On-disk format (``FORMAT_VERSION``):
 * one group of shards per (dataset, class, split), named ``{dataset}-{class}-{split}-{n:05d}.tar``,
   so an evaluation reads one class or dataset without touching the others;
 * per sample ``{key}.img.{png|webp|jpg|npy}`` (RGB, resized bicubically to ``size`` x ``size`` or kept
-  at the original size; ``npy``: the ``raw`` format, uncompressed uint8 H x W x 3 in NumPy's header +
-  bytes layout, lossless and decoded by a copy), for anomalous images with masks ``{key}.mask.{png|npy}``
+  at the original size; ``npy``: the ``raw`` format, uncompressed uint8 3 x H x W (channels first, as
+  the model takes it) in NumPy's header + bytes layout: lossless, read without decoding), for anomalous images with masks ``{key}.mask.{png|npy}``
   (the binary mask resized bilinearly: 8-bit coverage, from which "bilinear then > 0.5" is exact) and
   ``{key}.maskn.{png|npy}`` (resized with nearest neighbour), and ``{key}.json`` (the manifest record's
   metadata);
@@ -110,8 +110,8 @@ def encode_sample(rec: Record, opts: EncodeOptions) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     im = _load(rec.image, "image", rec.key)
     im = resize_image(im, opts.size) if opts.size else to_rgb8(im)
-    if opts.format == "raw":
-        files["img.npy"] = encode_raw(np.asarray(im))
+    if opts.format == "raw":  # channels first, as the model takes it: reading is then one copy
+        files["img.npy"] = encode_raw(np.asarray(im).transpose(2, 0, 1))
     else:
         files[f"img.{opts.format}"] = _encode_compressed(im, opts)
     if rec.mask:
@@ -157,10 +157,11 @@ def _encode_mask(name: str, mask: Image.Image, fmt: str) -> tuple[str, bytes]:
 # parsing the header and checking the byte count, never through np.load (no pickles, no giant
 # allocations from a hostile header).
 RAW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+_RAW_HEADER_MAX = 2048  # magic, length, and numpy's 1024-character header limit
 
 
 def encode_raw(pixels: np.ndarray) -> bytes:
-    """uint8 (H, W) or (H, W, 3) pixels -> .npy bytes."""
+    """uint8 (3, H, W) or (H, W) pixels -> .npy bytes."""
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(pixels, dtype=np.uint8), version=(1, 0),
                               allow_pickle=False)
@@ -168,22 +169,23 @@ def encode_raw(pixels: np.ndarray) -> bytes:
 
 
 def decode_raw(data: bytes | bytearray, channels: int) -> np.ndarray:
-    """.npy bytes -> uint8 (H, W, channels) or (H, W) when ``channels`` is 1; a ValueError says what
-    is wrong (the caller names the shard and key)."""
-    buf = io.BytesIO(data)
+    """.npy bytes -> uint8 (channels, H, W), or (H, W) when ``channels`` is 1, sharing ``data``'s
+    memory; a ValueError says what is wrong (the caller names the shard and key)."""
+    head = io.BytesIO(bytes(memoryview(data)[:_RAW_HEADER_MAX]))  # the header only: no copy of the pixels
     try:
-        if np.lib.format.read_magic(buf) != (1, 0):
+        if np.lib.format.read_magic(head) != (1, 0):
             raise ValueError("a .npy version other than 1.0")
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf, max_header_size=1024)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(head, max_header_size=1024)
     except ValueError as exc:
         raise ValueError(f"not a zsadx raw member ({exc})") from None
-    want_ndim = 2 if channels == 1 else 3
-    if dtype != np.uint8 or fortran or len(shape) != want_ndim or (want_ndim == 3 and shape[2] != channels):
+    want = "(H, W)" if channels == 1 else f"({channels}, H, W)"
+    if (dtype != np.uint8 or fortran or len(shape) != (2 if channels == 1 else 3)
+            or (channels > 1 and shape[0] != channels)):
         raise ValueError(f"raw member holds {dtype} {shape}{' (Fortran order)' if fortran else ''}, "
-                         f"expected uint8 (H, W{', %d' % channels if channels > 1 else ''})")
-    if shape[0] * shape[1] > RAW_MAX_PIXELS:
-        raise ValueError(f"raw member of {shape[0]} x {shape[1]} pixels exceeds the {RAW_MAX_PIXELS}-pixel limit")
-    start, need = buf.tell(), int(np.prod(shape))
+                         f"expected uint8 {want}")
+    if shape[-1] * shape[-2] > RAW_MAX_PIXELS:
+        raise ValueError(f"raw member of {shape[-2]} x {shape[-1]} pixels exceeds the {RAW_MAX_PIXELS}-pixel limit")
+    start, need = head.tell(), int(np.prod(shape))
     if len(data) - start != need:
         raise ValueError(f"raw member holds {len(data) - start} bytes of pixels, its header says {need}")
     return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(shape)
@@ -378,7 +380,8 @@ def check_shard_folder(out: Path) -> None:
     if kind is not None:
         raise ShardError(f"{out}: zsadx wrote this folder as '{kind}', not as shards; choose another --out "
                          f"folder (e.g. {out / 'shards'})")
-    entries = sorted(p.name for p in out.iterdir())
+    # A writer that started at the same moment may be writing the ownership marker (a temp name).
+    entries = sorted(p.name for p in out.iterdir() if not is_temp_name(p.name))
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ShardError(f"{out}: the folder exists and was not written by `zsadx data shard` (it holds {shown}); "
@@ -677,7 +680,9 @@ def iter_tar(path: str, skip_errors: bool = False) -> Iterator[dict[str, bytes]]
         raise ShardError(f"{path}: cannot open the shard ({exc}). Re-create it with `zsadx data shard`.") from exc
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
+            # A local file is read with seeks (tarfile's stream mode copies its buffer on every
+            # header: 3x slower for raw shards); a remote stream can only be read in order.
+            with tarfile.open(fileobj=stream, mode="r|" if is_remote(path) else "r:") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -689,7 +694,7 @@ def iter_tar(path: str, skip_errors: bool = False) -> Iterator[dict[str, bytes]]
                         if sample:
                             yield sample
                         key, sample = k, {"__key__": k}
-                    sample[ext] = _read_member(tar, member)
+                    sample[ext] = _read_member(tar, member, None if is_remote(path) else stream)
         except (tarfile.TarError, OSError, EOFError) as exc:
             done = True
             failure = finish_member(stream, path)
@@ -708,10 +713,16 @@ def iter_tar(path: str, skip_errors: bool = False) -> Iterator[dict[str, bytes]]
         yield sample
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytearray:
-    # A writable buffer: raw pixels become tensors without a copy or a read-only warning.
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, local: IO[bytes] | None) -> bytearray:
+    """A member's bytes in a writable buffer (raw pixels become tensors without a copy or a
+    read-only warning); from a local file read straight into it, at the member's offset."""
     data = bytearray(member.size)
-    if tar.extractfile(member).readinto(data) != member.size:
+    if local is not None and not member.issparse():
+        local.seek(member.offset_data)
+        got = local.readinto(data)
+    else:
+        got = tar.extractfile(member).readinto(data)
+    if got != member.size:
         raise tarfile.ReadError("unexpected end of data")
     return data
 

@@ -141,10 +141,13 @@ class EvalTransform:
 
     def pixels(self, im: Image.Image | np.ndarray) -> torch.Tensor:
         """The image resized to S x S as uint8 (3, S, S), not normalised: what the loaders yield
-        (:func:`normalise` runs on the device). ``im``: a PIL image or uint8 (H, W, 3) pixels."""
+        (:func:`normalise` runs on the device). ``im``: a PIL image, or uint8 (3, H, W) pixels (a raw
+        shard member; taken as they are, without a copy, when already S x S)."""
         if isinstance(im, np.ndarray):
-            im = im if im.shape[:2] == (self.size, self.size) else Image.fromarray(im, "RGB")
-        arr = im if isinstance(im, np.ndarray) else np.asarray(resize_image(im, self.size))
+            if im.shape[1:] == (self.size, self.size):
+                return torch.from_numpy(im)
+            im = Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), "RGB")
+        arr = np.asarray(resize_image(im, self.size))
         # One copy that also turns HWC into CHW: the batch stack is then a plain memcpy.
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
@@ -167,7 +170,7 @@ class EvalTransform:
             arr = np.asarray(nearest_mask(src, size, 127 if hard is None else 0))
             return torch.from_numpy((arr > 0).astype(np.uint8))
         src = soft if soft is not None else hard
-        m = src.convert("L")
+        m = src if src.mode == "L" else src.convert("L")
         if m.size != (size, size):
             m = m.resize((size, size), Image.BILINEAR)
         # torchvision's ToTensor then "> 0.5", as the seeds do: 8-bit value > 127.5.
