@@ -342,23 +342,23 @@ def test_results_files_with_missing_cells_and_markup_in_a_method_name(grid, tmp_
     hostile = "</script><script>document.body.setAttribute('data-pwned','1')</script><b>bold"
     for f in grid["out"].glob("eval/clip/zero-shot/*/seed0/clip-*.json"):   # the results files (mvtec-ad failed)
         shutil.copy(f, folder / f.name)
-    visa = json.loads(next(folder.glob("*-visa.json")).read_text())
-    visa["config"]["method"]["name"] = hostile
-    (folder / "hostile-visa.json").write_text(json.dumps(visa))
+    brain = json.loads(next(folder.glob("*-bmad-brain.json")).read_text())
+    brain["config"]["method"]["name"] = hostile
+    (folder / "hostile-bmad-brain.json").write_text(json.dumps(brain))
     rc, out, err = run_cli(capsys, "report", folder, "--out", tmp_path / "page", "--no-figure")
     assert rc == 0, err
     page = tmp_path / "page" / "index.html"
     js = table_json(capsys, folder)
     assert js["columns"] == ["clip", hostile]
-    assert any(r[hostile][0] is None for r in js["rows"])                 # bmad-brain: not evaluated
+    assert [r["dataset"] for r in js["rows"] if r[hostile][0] is None] == ["visa", "industrial average"]
     root = dom(tmp_path, page)
     assert "data-pwned" not in root.find("body").attrs
     assert not [b for b in root.find_all("b") if b.text() == "bold"]
     assert_cells_equal_json(root, js)
-    desc = dom(tmp_path, page, "#sort=-1%3Aimage_auroc")
-    assert [r["dataset"] for r in results_rows(desc)][-2:] == ["bmad-brain", "medical average"]  # '-' last
-    asc = dom(tmp_path, page, "#sort=1%3Aimage_auroc")
-    assert [r["dataset"] for r in results_rows(asc)][-2:] == ["bmad-brain", "medical average"]
+    # The missing values (the table's first rows) sort last, descending and ascending alike.
+    for hash_ in ("#sort=-1%3Aimage_auroc", "#sort=1%3Aimage_auroc"):
+        order = [r["dataset"] for r in results_rows(dom(tmp_path, page, hash_))]
+        assert order == ["bmad-brain", "medical average", "visa", "industrial average"], (hash_, order)
     assert "left out (--no-figure)" in root.find("section", id="figure").text()
 
 
