@@ -146,18 +146,13 @@ def prepare_stores(cfg: TrackerConfig, out_dir: str | os.PathLike) -> None:
         mlflow.set_tracking_uri(uri)
 
 
-def tracker_config(config: dict) -> dict[str, Any]:
-    """The flattened run config with its tracking tags, as the trackers' hyperparameters."""
-    tags = (config.get("tracking") or {}).get("tags") or {}
-    return {**flatten_config(config), **{f"tags.{k}": str(v) for k, v in tags.items()}}
-
-
 def store_configuration(trackers: list, config: dict, first: Optional[dict] = None) -> None:
-    """The run config as each tracker's hyperparameters. On a resume (``first``: the config the
-    run started with) MLflow, whose params cannot change, keeps the first values of the keys a
-    resume may change (max_steps, ...); the others show the resumed run's."""
-    values = tracker_config(config)
-    kept = tracker_config(first) if first is not None else {}
+    """The flattened run config (its tags as ``tracking.tags.<name>``) as each tracker's
+    hyperparameters. On a resume (``first``: the config the run started with) MLflow, whose params
+    cannot change, keeps the first values of the keys a resume may change (max_steps, ...); the
+    others show the resumed run's."""
+    values = flatten_config(config)
+    kept = flatten_config(first) if first is not None else {}
     for t in trackers:
         if t.name == "mlflow":
             t.store_init_configuration({k: v for k, v in values.items() if kept.get(k, v) == v})
