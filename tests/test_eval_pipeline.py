@@ -243,3 +243,17 @@ def test_auto_keeps_the_metric_state_on_the_host_on_a_cpu_and_on_the_gpu_otherwi
     assert metric_state_device(cfg, torch.device("cuda", 0)) is None
     cfg.metrics_on = "device"
     assert metric_state_device(cfg, torch.device("cpu")) == torch.device("cpu")
+
+
+def test_the_eval_device_is_named_in_full_for_the_metrics_thread(monkeypatch):
+    """A thread's current GPU is its own (GPU 0 in a new thread): a rank's "cuda" gets its index."""
+    from zsadx.eval.evaluator import eval_device
+
+    assert eval_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert eval_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # as after set_device(3) on rank 3
+    assert eval_device("auto") == torch.device("cuda", 3)
+    assert eval_device("cuda") == torch.device("cuda", 3)
+    assert eval_device("cuda:1") == torch.device("cuda", 1)

@@ -162,6 +162,16 @@ def _init_distributed() -> None:
         PartialState(backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def eval_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU. A GPU gets its index here, in the main
+    thread (a launcher has set this rank's): "cuda" alone would mean GPU 0 in the metrics thread."""
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                          ("cpu" if name == "auto" else name))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def evaluate(cfg: EvalConfig) -> Optional[dict]:
     """Run the evaluation; returns the results on rank 0 (None on other ranks)."""
     from torch.utils.data import DataLoader
@@ -174,8 +184,7 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     _init_distributed()
     rank, world = _dist()
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    device = eval_device(cfg.device)
     t_start = time.perf_counter()
     method = build_method(cfg.method).to(device).eval()
     check_trained(method, cfg)
