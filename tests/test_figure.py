@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -137,6 +138,10 @@ def test_bad_requests_are_one_line_and_write_nothing(grid, tmp_path, capsys):
     assert "candel" in line
     line = one_line_error(capsys, grid, "--dataset", "visa", "--out", tmp_path / "fig.jpg")
     assert "write a .png or a .pdf" in line
+    line = one_line_error(capsys, *base, "--dataset", "visa", "--device", "gpu0")
+    assert "unknown device 'gpu0'" in line
+    if not torch.cuda.is_available():
+        assert "no GPU is visible" in one_line_error(capsys, *base, "--dataset", "visa", "--device", "cuda")
     assert not list(tmp_path.iterdir())
 
 

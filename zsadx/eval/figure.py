@@ -227,9 +227,16 @@ def read_samples(pool: dict[str, ImageInfo], keys: Sequence[str]) -> dict[str, t
 # classes, domain, seeded references), so the maps are those the cell's metrics were computed on.
 
 def _device(name: str) -> torch.device:
+    """Where the methods run: ``auto`` (a GPU if there is one), ``cpu``, ``cuda[:k]``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FigureError(f"'--device': unknown device '{name}'; use auto, cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FigureError(f"'--device': {name}, but no GPU is visible here; use --device cpu (or auto)")
+    return device
 
 
 def prepared_method(cfg, device: torch.device):
@@ -406,6 +413,7 @@ def figure_data(grid: str | Path, dataset: str, *, images: int = 6, classes: Opt
                 keys: Optional[Sequence[str]] = None, seed: int = 0, methods: Optional[Sequence[str]] = None,
                 device: str = "auto", panel: int = 160) -> FigureData:
     """Choose the images and run each method cell on them (see :func:`draw_figure`)."""
+    dev = _device(device)
     columns = figure_columns(grid, dataset, methods)
     configs = [cell_config(c.cell) for c in columns]
     first = configs[0]
@@ -413,7 +421,6 @@ def figure_data(grid: str | Path, dataset: str, *, images: int = 6, classes: Opt
     chosen = (given_images(pool, keys, dataset, first.data.shards) if keys
               else pick_images(pool, images, seed, dataset))
     samples = read_samples(pool, chosen)
-    dev = _device(device)
     per_column = []
     for col, cfg in zip(columns, configs):
         log.info("figure: %s (%s) on %d images", col.label, col.cell.id, len(chosen))
