@@ -77,11 +77,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_rate(method: dict, batch: int, device: torch.device, repeats: int = 3) -> float:
-    """Images/s of the evaluator's model stage (normalise, predict under bf16, upsample, blur) on
-    random images; one warm-up batch first (it also fills the text-feature cache)."""
+def prepared_method(method: dict, device: torch.device):
+    """The method built on ``device`` and prepared for two classes (random references if few-shot)."""
     cfg = resolved(method)
-    cfg.autocast = "bf16"
     m = build_method(cfg.method).to(device).eval()
     size = cfg.method.input_size or cfg.method.backbone.image_size
     classes = ["class0", "class1"]
@@ -89,39 +87,48 @@ def model_rate(method: dict, batch: int, device: torch.device, repeats: int = 3)
     if cfg.method.shots:
         refs = {c: torch.randn(cfg.method.shots, 3, size, size, device=device) for c in classes}
     m.prepare(classes, "industrial", refs)
-    x = {"cls": [classes[i % 2] for i in range(batch)], "dataset": ["bench"] * batch,
+    return m, cfg
+
+
+def model_rate(m, cfg: EvalConfig, batch: int, device: torch.device, repeats: int = 3) -> float:
+    """Images/s of the evaluator's model stage (normalise, predict under bf16, upsample, blur) on
+    random uint8 images, the fastest of ``repeats`` after one warm-up batch."""
+    size = cfg.method.input_size or cfg.method.backbone.image_size
+    x = {"cls": [f"class{i % 2}" for i in range(batch)], "dataset": ["bench"] * batch,
          "domain": ["industrial"] * batch}
     times = []
-    try:
-        for i in range(repeats + 1):
-            x["image"] = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-            synchronize(device)
-            t0 = time.perf_counter()
-            score_batch(m, x, cfg, device, cfg.method.eval_size or size, torch.bfloat16)
-            synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-    finally:
-        del m
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for i in range(repeats + 1):
+        x["image"] = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        synchronize(device)
+        t0 = time.perf_counter()
+        score_batch(m, x, cfg, device, cfg.method.eval_size or size, torch.bfloat16)
+        synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
     return batch / min(times)
 
 
 def best_batch(method: dict, device: torch.device, max_batch: int) -> tuple[int, dict[int, float]]:
     """The batch size with the most images/s of the model stage: doubling until memory runs out,
     the rate grows by less than ``GROWTH`` or ``max_batch`` is passed; returns it and the sweep."""
+    m, cfg = prepared_method(method, device)
     sweep: dict[int, float] = {}
     batch = 1
-    while batch <= max_batch:
-        try:
-            sweep[batch] = model_rate(method, batch, device)
-        except torch.cuda.OutOfMemoryError:
+    try:
+        while batch <= max_batch:
+            try:
+                sweep[batch] = model_rate(m, cfg, batch, device)
+            except torch.cuda.OutOfMemoryError:
+                break
+            if len(sweep) > 1 and sweep[batch] < GROWTH * max(v for b, v in sweep.items() if b < batch):
+                break
+            batch *= 2
+    finally:
+        del m
+        if device.type == "cuda":
             torch.cuda.empty_cache()
-            break
-        if len(sweep) > 1 and sweep[batch] < GROWTH * max(v for b, v in sweep.items() if b < batch):
-            break
-        batch *= 2
+    if not sweep:
+        raise SystemExit(f"{method['name']}: not even one image fits on {device}")
     return max(sweep, key=sweep.get), sweep
 
 
