@@ -420,7 +420,7 @@ def page(title: str, table: Optional[tables.Table], class_table: Optional[tables
          cells: Sequence[CellInfo], out_dir: Path, figure_png: Optional[bytes] = None,
          figure_note: Optional[str] = None) -> str:
     parts = [f'<h1>{escape(title)}</h1><p class="note">cells: {status_summary(cells)}</p>',
-             results_sections(table), per_class_section(class_table), figure_section(figure_png, figure_note),
+             results_sections(table), figure_section(figure_png, figure_note), per_class_section(class_table),
              _section("Cells", cells_table(cells, out_dir), "cells-section")]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta name="generator" content="{GENERATOR}"><title>{escape(title)}</title>'
