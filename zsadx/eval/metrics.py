@@ -13,8 +13,10 @@ Definitions (those of scikit-learn and of the MVTec / anomalib AUPRO):
 How: TPR, precision and PRO change only at a distinct *positive* score (a "level"); between two
 levels only negatives join, which moves FPR along a flat stretch. So every metric follows exactly
 from, per level u: the positives below u, the negatives >= u and > u, and the PRO weight >= u
-(:class:`Levels`). Negatives -- nearly all the pixels -- are only sorted (one sort, in place) and
-searched at the levels; nothing per pixel is grouped, merged or turned into float64. AUROC is the
+(:class:`Levels`). The pixels are kept whole (every pixel of every image with known truth, as
+float32: no per-pixel split into background and regions), sorted once in place and searched at the
+levels; the region pixels, a few percent, are kept once more with their region ids, and their own
+counts are subtracted. Nothing per pixel is grouped, merged or turned into float64. AUROC is the
 Mann-Whitney count in integers (equal to the trapezoid), the rest is float64 over the levels.
 
 Where the state lives: ``ClassMetrics(name, device=None)`` keeps float32 numpy arrays on the CPU;
@@ -39,8 +41,6 @@ METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
 STATE_FORMAT = 2                                  # float32 scores (1: uint32 keys, before the level counts)
 _SIGN = np.uint32(0x80000000)
 _EIGHT = np.ones((3, 3), dtype=bool)
-_EIGHT_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)  # 8-connected within an image, never across images
-_EIGHT_IN_PLANE[1] = True
 
 
 class MetricInputError(ValueError):
@@ -75,12 +75,26 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(n)
 
 
-def label_batch(masks: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of each mask of a (B, H, W) stack, numbered on across the images."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(masks, structure=_EIGHT_IN_PLANE)
-    return labels.astype(np.int32, copy=False), int(n)
+def region_ids(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected regions of each mask of a (B, H, W) bool stack: the region id of every mask pixel
+    (row-major over the stack, as ``scores[masks]``; ids from 0, numbered on across the images) and
+    each region's pixel count. Each mask is labelled within the box around its pixels: labelling
+    cost follows the defect's size, not the image's."""
+    ids, sizes, n = [], [], 0
+    for mask in masks:
+        rows = np.flatnonzero(mask.any(1))
+        if rows.size == 0:
+            continue
+        cols = np.flatnonzero(mask.any(0))
+        box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # holds every mask pixel, in row-major order
+        labels, k = label_regions(box)
+        inside = labels[box]
+        ids.append(inside - 1 + n)
+        sizes.append(np.bincount(inside, minlength=k + 1)[1:])
+        n += k
+    if not ids:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return np.concatenate(ids).astype(np.int32), np.concatenate(sizes).astype(np.int64)
 
 
 @dataclass
@@ -130,6 +144,12 @@ class _NumpyOps:
     def cast(self, x: np.ndarray, dtype) -> np.ndarray:
         return x.astype(dtype, copy=False)
 
+    def cat(self, parts: list, dtype) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+    def new_scores(self) -> "_GrowingScores":
+        return _GrowingScores()
+
     def all_finite(self, x: np.ndarray) -> bool:
         # min/max propagate NaN and show +-inf: two reductions, no boolean array of the batch's size
         return x.size == 0 or bool(np.isfinite(x.min()) and np.isfinite(x.max()))
@@ -152,6 +172,9 @@ class _NumpyOps:
 
     def count_below(self, sorted_values: np.ndarray, levels: np.ndarray, or_equal: bool) -> np.ndarray:
         return np.searchsorted(sorted_values, levels, side="right" if or_equal else "left").astype(np.int64)
+
+    def minimum(self, x: np.ndarray, bound: int) -> np.ndarray:
+        return np.minimum(x, bound)
 
     def cumsum0(self, w: np.ndarray) -> np.ndarray:
         out = np.empty(w.size + 1, np.float64)
@@ -194,6 +217,12 @@ class _TorchOps(_NumpyOps):
     def cast(self, x, dtype):
         return x.to(self._dtype(dtype))
 
+    def cat(self, parts: list, dtype):
+        return self.torch.cat(parts).to(self._dtype(dtype)) if parts else self.empty(0, dtype)
+
+    def new_scores(self) -> "_ScorePieces":
+        return _ScorePieces(self)
+
     def all_finite(self, x) -> bool:
         return bool(self.torch.isfinite(x).all())
 
@@ -212,6 +241,9 @@ class _TorchOps(_NumpyOps):
     def count_below(self, sorted_values, levels, or_equal: bool):
         return self.torch.searchsorted(sorted_values, levels, right=or_equal)
 
+    def minimum(self, x, bound: int):
+        return x.clamp(max=bound)
+
     def cumsum0(self, w):
         out = self.torch.zeros(w.numel() + 1, dtype=self.torch.float64, device=self.device)
         self.torch.cumsum(w.to(self.torch.float64), 0, out=out[1:])
@@ -221,22 +253,33 @@ class _TorchOps(_NumpyOps):
 _NUMPY = _NumpyOps()
 
 
-def levels(ops: _NumpyOps, neg_sorted, pos, weights=None) -> Levels:
-    """The per-level summary of ascending negatives and (unsorted) positives with their PRO weights.
+def levels(ops: _NumpyOps, scores_sorted, pos, weights=None, holds_positives: bool = False) -> Levels:
+    """The per-level summary of ascending scores and (unsorted) positives with their PRO weights.
 
-    Everything of the size of the pixels stays in ``ops``' arrays; what comes back to the host has
-    one entry per distinct positive score."""
-    n_neg, n_pos = int(neg_sorted.shape[0]), int(pos.shape[0])
+    ``scores_sorted`` are the negatives, or with ``holds_positives`` every score, the positives
+    among them. Everything of the size of the pixels stays in ``ops``' arrays; what comes back to
+    the host has one entry per distinct positive score."""
+    n_pos = int(pos.shape[0])
+    n_neg = int(scores_sorted.shape[0]) - (n_pos if holds_positives else 0)
     pos, weights = ops.sorted_with(pos, weights)
     starts = ops.group_starts(pos)
     at = pos[starts]
+    below = ops.count_below(scores_sorted, at, or_equal=False)
+    pos_below = ops.host(starts).astype(np.int64, copy=False)
+    pos_upto = np.append(pos_below[1:], n_pos)
+    # Runs of equal scores are short: the count up to u is known unless the score after the
+    # level's own positives still equals u, and only those levels are searched again.
+    upto = below + ops.from_host(pos_upto - pos_below) if holds_positives else ops.copy(below)
+    more = (upto < scores_sorted.shape[0]) & (scores_sorted[ops.minimum(upto, scores_sorted.shape[0] - 1)] == at)
+    upto[more] = ops.count_below(scores_sorted, at[more], or_equal=True)
+    below, upto = ops.host(below).astype(np.int64, copy=False), ops.host(upto).astype(np.int64, copy=False)
+    if holds_positives:
+        below, upto = below - pos_below, upto - pos_upto
     pro_ge = None
     if weights is not None:
         cw = ops.cumsum0(weights)
         pro_ge = ops.host(cw[-1] - cw[starts]).astype(np.float64, copy=False)
-    return Levels(n_neg=n_neg, n_pos=n_pos, pos_below=ops.host(starts).astype(np.int64, copy=False),
-                  neg_ge=n_neg - ops.host(ops.count_below(neg_sorted, at, or_equal=False)).astype(np.int64),
-                  neg_gt=n_neg - ops.host(ops.count_below(neg_sorted, at, or_equal=True)).astype(np.int64),
+    return Levels(n_neg=n_neg, n_pos=n_pos, pos_below=pos_below, neg_ge=n_neg - below, neg_gt=n_neg - upto,
                   pro_ge=pro_ge)
 
 
@@ -283,10 +326,11 @@ def _area_up_to(xs: np.ndarray, ys: np.ndarray, limit: float) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
 
 
-def _curve(ops: _NumpyOps, neg_sorted, pos, weights=None) -> CurveResult:
-    if neg_sorted.shape[0] == 0 or pos.shape[0] == 0:
+def _curve(ops: _NumpyOps, scores_sorted, pos, weights=None, holds_positives: bool = False) -> CurveResult:
+    n_neg = scores_sorted.shape[0] - (pos.shape[0] if holds_positives else 0)
+    if n_neg == 0 or pos.shape[0] == 0:
         return CurveResult(math.nan, math.nan, math.nan, math.nan)
-    return metrics_from_levels(levels(ops, neg_sorted, pos, weights))
+    return metrics_from_levels(levels(ops, scores_sorted, pos, weights, holds_positives))
 
 
 def curve_metrics(neg: np.ndarray, pos: np.ndarray, pos_weights: Optional[np.ndarray] = None) -> CurveResult:
@@ -300,18 +344,62 @@ def curve_metrics(neg: np.ndarray, pos: np.ndarray, pos_weights: Optional[np.nda
     return _curve(_NUMPY, _NUMPY.sort_in_place(neg), pos, pos_weights)
 
 
-def _consolidate(ops: _NumpyOps, parts: list, dtype):
-    """One array of the pieces, each piece let go once copied (peak: the total plus one piece)."""
-    if len(parts) == 1:
-        return ops.cast(parts[0], dtype)
-    out = ops.empty(sum(int(p.shape[0]) for p in parts), dtype)
-    at = 0
-    parts.reverse()
-    while parts:
-        piece = parts.pop()
-        out[at:at + piece.shape[0]] = piece
-        at += piece.shape[0]
-    return out
+class _GrowingScores:
+    """The host path's pixel scores: batches appended into one float32 buffer that grows in place
+    (numpy's resize reallocates, and a large block is remapped rather than copied), so the final
+    sort runs on it directly -- no list of pieces joined into a second buffer at the end."""
+
+    GROWTH = 1.25
+
+    def __init__(self):
+        self._buf = np.empty(0, np.float32)
+        self.size = 0
+        self._lent = False   # a view went out (state()): never reallocate under it
+
+    def append(self, scores: np.ndarray, fresh: bool = False) -> None:
+        end = self.size + scores.size
+        if end > self._buf.size:
+            self._reserve(max(end, int(self._buf.size * self.GROWTH)))
+        self._buf[self.size:end] = scores
+        self.size = end
+
+    def _reserve(self, capacity: int) -> None:
+        if self._lent:
+            grown = np.empty(capacity, np.float32)
+            grown[:self.size] = self._buf[:self.size]
+            self._buf, self._lent = grown, False
+        else:
+            self._buf.resize(capacity, refcheck=False)
+
+    def sorted(self) -> np.ndarray:
+        """All scores, ascending (sorted in place; the spare capacity is given back first)."""
+        if self._buf.size > self.size:
+            self._reserve(self.size)
+        self._buf.sort()
+        return self._buf
+
+    def pieces(self) -> list:
+        self._lent = True
+        return [self._buf[:self.size]] if self.size else []
+
+
+class _ScorePieces:
+    """The device path's pixel scores: one tensor per batch, joined and sorted once at the end."""
+
+    def __init__(self, ops: "_TorchOps"):
+        self._ops, self._pieces, self.size = ops, [], 0
+
+    def append(self, scores, fresh: bool = False) -> None:
+        self._pieces.append(scores if fresh else self._ops.copy(scores))
+        self.size += int(scores.shape[0])
+
+    def sorted(self):
+        joined = self._ops.cat(self._pieces, np.float32)
+        self._pieces = [self._ops.sort_in_place(joined)]  # keep the sorted one only
+        return self._pieces[0]
+
+    def pieces(self) -> list:
+        return list(self._pieces)
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,8 +420,7 @@ class ClassMetrics:
     device: Any = None
     image_scores: list = field(default_factory=list)
     image_labels: list = field(default_factory=list)
-    _neg: list = field(default_factory=list)      # float32 scores of background pixels
-    _pos: list = field(default_factory=list)      # float32 scores of region pixels
+    _pos: list = field(default_factory=list)      # float32 scores of region pixels (also in _all)
     _reg: list = field(default_factory=list)      # int32 global region id of each region pixel
     _sizes: list = field(default_factory=list)    # int64 pixel count of each region
     n_regions: int = 0
@@ -341,9 +428,11 @@ class ClassMetrics:
     pixel_excluded: int = 0                       # anomalous images without a mask: no pixel ground truth
     batches: int = 0
     _ops: _NumpyOps = field(init=False, repr=False, compare=False)
+    _all: Any = field(init=False, repr=False, compare=False)  # float32 scores of every pixel with known truth
 
     def __post_init__(self) -> None:
         self._ops = _NUMPY if self.device is None else _TorchOps(self.device)
+        self._all = self._ops.new_scores()
 
     def add(self, image_scores, labels, maps=None, masks=None, batch: int | str | None = None,
             has_mask=None) -> None:
@@ -379,24 +468,22 @@ class ClassMetrics:
         self.batches += 1
 
     def _add_pixels(self, maps, masks: np.ndarray, known: np.ndarray) -> None:
-        """Background scores to ``_neg``; region scores to ``_pos`` with their region ids (host labels)."""
+        """Every pixel's score to ``_all``; region pixels' scores to ``_pos``, their region ids to ``_reg``."""
         ops = self._ops
         self.pixel_excluded += int((~known).sum())
-        if not known.all():
+        fresh = not known.all()
+        if fresh:                                  # indexing makes a new array
             maps, masks = maps[ops.from_host(known)], masks[known]
         if maps.shape[0] == 0:
             return
+        self._all.append(maps.reshape(-1), fresh=fresh)  # copied unless fresh: the caller may reuse its buffer
         if not masks.any():
-            self._neg.append(ops.copy(maps.reshape(-1)))
             return
-        regions, n = label_batch(masks)
-        in_region = regions[masks]                   # row-major, in the order of maps[masks]
-        g = ops.from_host(masks)
-        self._neg.append(maps[~g])
-        self._pos.append(maps[g])
-        self._reg.append(ops.from_host(in_region - 1 + self.n_regions))
-        self._sizes.append(ops.from_host(np.bincount(in_region, minlength=n + 1)[1:].astype(np.int64)))
-        self.n_regions += n
+        ids, sizes = region_ids(masks)
+        self._pos.append(maps[ops.from_host(masks)])
+        self._reg.append(ops.from_host(ids + self.n_regions))
+        self._sizes.append(ops.from_host(sizes))
+        self.n_regions += int(sizes.size)
         self.n_masks += int(masks.reshape(len(masks), -1).any(1).sum())
 
     # -- results --------------------------------------------------------------------------
@@ -404,30 +491,28 @@ class ClassMetrics:
         ops = self._ops
         if not self.image_scores:
             return CurveResult(math.nan, math.nan, math.nan, math.nan)
-        s = _consolidate(ops, list(self.image_scores), np.float32)
-        y = _consolidate(ops, list(self.image_labels), bool)
+        s = ops.cat(self.image_scores, np.float32)
+        y = ops.cat(self.image_labels, bool)
         return _curve(ops, ops.sort_in_place(s[~y]), s[y])
 
     def pixel_metrics(self) -> CurveResult:
         ops = self._ops
-        if not self._neg and not self._pos:
-            return CurveResult(math.nan, math.nan, math.nan, math.nan)
-        neg = ops.sort_in_place(_consolidate(ops, self._neg, np.float32)) if self._neg else ops.empty(0, np.float32)
-        self._neg = [neg]  # one sorted buffer (compute may be called again)
-        pos = _consolidate(ops, list(self._pos), np.float32) if self._pos else ops.empty(0, np.float32)
         if self.n_regions == 0:
-            return _curve(ops, neg, pos)
-        reg = _consolidate(ops, list(self._reg), np.int64)
-        sizes = _consolidate(ops, list(self._sizes), np.int64)
+            return CurveResult(math.nan, math.nan, math.nan, math.nan)
+        scores = self._all.sorted()
+        pos = ops.cat(self._pos, np.float32)
+        reg = ops.cat(self._reg, np.int64)
+        sizes = ops.cat(self._sizes, np.int64)
         weights = 1.0 / (ops.cast(sizes[reg], np.float64) * self.n_regions)
-        return _curve(ops, neg, pos, weights)
+        return _curve(ops, scores, pos, weights, holds_positives=True)
 
     def arrays(self) -> dict:
-        """The raw state on the host, scores as ``sortable_keys``, for the paper-compatible variants."""
+        """The raw state on the host, scores as ``sortable_keys`` (``all``: every pixel, the region
+        pixels ``pos`` among them), for the paper-compatible variants."""
         def host(parts: list, dtype) -> np.ndarray:
             return np.concatenate([self._ops.host(p) for p in parts]).astype(dtype) if parts else np.zeros(0, dtype)
 
-        return {"neg": sortable_keys(host(self._neg, np.float32)), "pos": sortable_keys(host(self._pos, np.float32)),
+        return {"all": sortable_keys(host(self._all.pieces(), np.float32)), "pos": sortable_keys(host(self._pos, np.float32)),
                 "reg": host(self._reg, np.int32), "sizes": host(self._sizes, np.int64)}
 
     def compute(self) -> dict[str, float]:
@@ -438,13 +523,14 @@ class ClassMetrics:
             out.update(pixel_auroc=px.auroc, pixel_ap=px.ap, pixel_f1_max=px.f1_max, pixel_aupro=px.aupro)
         return out
 
-    _LISTS = ("image_scores", "image_labels", "_neg", "_pos", "_reg", "_sizes")
+    _LISTS = ("image_scores", "image_labels", "_pos", "_reg", "_sizes")
     _COUNTS = ("n_regions", "n_masks", "pixel_excluded", "batches")
 
     def state(self) -> dict:
         """Picklable state for gathering across ranks: host numpy arrays, whatever the device."""
         st = {"format": STATE_FORMAT, "name": self.name, "pixel": self.pixel}
         st.update({k: [self._ops.host(a) for a in getattr(self, k)] for k in self._LISTS})
+        st["_all"] = [self._ops.host(a) for a in self._all.pieces()]
         st.update({k: getattr(self, k) for k in self._COUNTS})
         return st
 
@@ -457,7 +543,8 @@ class ClassMetrics:
         to_here = self._ops.from_host
         self.image_scores += [to_here(a) for a in st["image_scores"]]
         self.image_labels += [to_here(a) for a in st["image_labels"]]
-        self._neg += [to_here(a) for a in st["_neg"]]
+        for a in st["_all"]:
+            self._all.append(to_here(a), fresh=self._ops.device is not None)  # from_host copied it there
         self._pos += [to_here(a) for a in st["_pos"]]
         self._reg += [to_here(r + self.n_regions) for r in st["_reg"]]
         self._sizes += [to_here(a) for a in st["_sizes"]]

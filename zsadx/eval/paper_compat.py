@@ -28,20 +28,21 @@ def _value_of(keys: np.ndarray) -> np.ndarray:
 
 def anomalyclip_pro(acc: ClassMetrics, steps: int = 200, fpr_limit: float = 0.3) -> float:
     st = acc.arrays()
-    neg, pos, reg, sizes = np.sort(st["neg"]), st["pos"], st["reg"], st["sizes"]
-    if sizes.size == 0 or neg.size == 0:
+    scores, pos, reg, sizes = np.sort(st["all"]), st["pos"], st["reg"], st["sizes"]
+    n_neg = scores.size - pos.size  # the region pixels are among all the pixels
+    if sizes.size == 0 or n_neg == 0:
         return math.nan
     # float32 arithmetic throughout, as numpy does on the official float32 maps.
-    lo = min(_value_of(neg[:1])[0], _value_of(pos.min(keepdims=True))[0])
-    hi = max(_value_of(neg[-1:])[0], _value_of(pos.max(keepdims=True))[0])
+    lo, hi = _value_of(scores[:1])[0], _value_of(scores[-1:])[0]
     delta = (hi - lo) / np.float32(steps)
     order = np.argsort(pos, kind="stable")
     pos_sorted, reg_sorted = pos[order], reg[order]
     pros, fprs = [], []
     for th in np.arange(lo, hi, delta) if delta > 0 else [lo]:
         k = key_of(float(th))
-        fpr = (neg.size - np.searchsorted(neg, k, side="right")) / neg.size
         first = np.searchsorted(pos_sorted, k, side="right")
+        above = scores.size - np.searchsorted(scores, k, side="right")
+        fpr = (above - (pos.size - first)) / n_neg
         covered = np.bincount(reg_sorted[first:], minlength=sizes.size)
         pros.append(float(np.mean(covered / sizes)))
         fprs.append(fpr)
