@@ -77,6 +77,92 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on ``--remote-debugging-pipe`` (fd 3: our
+    commands, fd 4: its replies, NUL-terminated JSON): real mouse clicks on the page."""
+
+    def __init__(self, tmp_path: Path, width: int = 1280, height: int = 900):
+        import fcntl
+
+        cmd_r, self._cmd_w = os.pipe()
+        self._reply_r, reply_w = os.pipe()
+
+        def onto_3_and_4():  # through fds >= 10, so neither end overwrites the other
+            a, b = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10), fcntl.fcntl(reply_w, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        cmd = [CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", "--remote-debugging-pipe",
+               f"--user-data-dir={tmp_path / 'cdp-profile'}", f"--window-size={width},{height}", "about:blank"]
+        if os.geteuid() == 0:
+            cmd.insert(1, "--no-sandbox")
+        self.proc = subprocess.Popen(cmd, pass_fds=(3, 4), preexec_fn=onto_3_and_4, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(reply_w)
+        self._buf, self._id, self.session = b"", 0, None
+
+    def send(self, method: str, **params) -> dict:
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": self.session} if self.session else {})}
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        while True:
+            reply = self._receive()
+            if reply.get("id") == self._id:
+                assert "error" not in reply, (method, reply["error"])
+                return reply["result"]
+
+    def _receive(self, timeout: float = 60) -> dict:
+        import select
+
+        while b"\0" not in self._buf:
+            assert select.select([self._reply_r], [], [], timeout)[0], "Chromium did not answer"
+            chunk = os.read(self._reply_r, 1 << 16)
+            assert chunk, "Chromium closed its pipe"
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def open(self, url: str) -> None:
+        target = self.send("Target.createTarget", url=url)["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.js("new Promise(r => document.readyState === 'complete' ? r(1) : addEventListener('load', () => r(1)))")
+
+    def js(self, expression: str):
+        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in res, res["exceptionDetails"]
+        return res["result"].get("value")
+
+    def click(self, selector: str) -> None:
+        """A left click of the mouse at the middle of the element (scrolled into view)."""
+        x, y = self.js(f"(function () {{ var e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
+                       " var b = e.getBoundingClientRect(); return [b.x + b.width / 2, b.y + b.height / 2]; })()")
+        for kind in ("mousePressed", "mouseReleased"):
+            self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        self.js("new Promise(r => setTimeout(r, 50))")   # let the hashchange handler run
+
+    def dom(self) -> "Node":
+        return Dom(self.js("document.documentElement.outerHTML")).root
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close")
+            self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self._cmd_w)
+            os.close(self._reply_r)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    b = Browser(tmp_path)
+    yield b
+    b.close()
+
+
 class Node:
     def __init__(self, tag: str, attrs: dict, parent=None):
         self.tag, self.attrs, self.parent, self.children, self.texts = tag, attrs, parent, [], []
@@ -235,6 +321,34 @@ def test_a_header_link_sorts_descending_then_ascending_with_missing_values_last(
     assert_cells_equal_json(dom(tmp_path, report), js)         # no hash: the table's own order
     by_name = dom(tmp_path, report, "#sort=dataset")
     assert order(by_name) == sorted(order(by_name))
+
+
+@needs_chromium
+def test_real_clicks_on_a_header_and_a_check_box(grid, report, browser, capsys):
+    """Mouse clicks (DevTools Input events) on the page: a header sorts descending, a second click
+    ascending; unchecking a metric hides its columns and keeps the sort, all in the URL hash."""
+    js = table_json(capsys, grid["grid"])
+    browser.open(report.resolve().as_uri())
+    i = js["metrics"].index("image_auroc")
+    values = {r["dataset"]: (r[js["columns"][0]][i] or [None])[0] for r in js["rows"]}
+
+    def order() -> list[str]:
+        return [r["dataset"] for r in results_rows(browser.dom())]
+
+    head = 'th[data-key="0:image_auroc"] a'
+    browser.click(head)
+    assert unquote(browser.js("location.hash")) == "#sort=-0:image_auroc"
+    assert order() == sorted(values, key=lambda d: -values[d])   # ties keep the table's order, as sorted() does
+    browser.click(head)
+    assert order() == sorted(values, key=lambda d: values[d])
+    browser.click('input.metric-box[data-metric="image_ap"]')
+    assert unquote(browser.js("location.hash")) == "#sort=0:image_auroc&metrics=image_auroc,pixel_auroc,pixel_aupro"
+    root = browser.dom()
+    assert [th.attrs["data-metric"] for th in metric_heads(root) if not th.hidden()] == [
+        "image_auroc", "pixel_auroc", "pixel_aupro"] * len(js["columns"])
+    groups = [th for th in root.find("table", id="results").find_all("th") if "group" in th.classes()]
+    assert all(th.attrs["colspan"] == "3" for th in groups)              # a method spans its shown metrics
+    assert order() == sorted(values, key=lambda d: values[d])             # the sort stays
 
 
 @needs_chromium
