@@ -196,3 +196,9 @@ def test_a_garbled_remote_tar_names_the_url(shards, tmp_path):
     with pytest.raises(ShardError, match="corrupt sample|truncated shard") as info:
         list(EvalShards(url, DATASET, CLASSES, transform=EvalTransform(size=48)))
     assert str(info.value).startswith(remote)
+
+
+def test_shards_are_not_written_to_a_url(shards, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "data", "shard", shards.parent / "manifest.jsonl", "--out", "http://127.0.0.1:9/s")
+    assert rc == 2 and "written to a local folder" in one_error_line(err)
+    assert not Path("http:").exists()

@@ -221,6 +221,9 @@ def write_shards(manifest: str | os.PathLike, out: str | os.PathLike, size: Opti
     interrupted run resumes. The folder is locked while it is written (``wait_lock``: wait for
     another writer instead of refusing).
     """
+    if is_remote(out):
+        raise ShardError(f"--out {out}: shards are written to a local folder; shard there, then upload the folder "
+                         f"(e.g. `aws s3 sync DIR s3://bucket/shards`) and read it back as an http(s):// or pipe: root")
     records = read_manifest(manifest)
     out = Path(out)
     check_shard_folder(out)
