@@ -52,7 +52,10 @@ def grid(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def report(grid) -> Path:
     """``zsadx report`` of the grid (with a 2-image qualitative figure)."""
-    from zsadx.cli import main
+    from zsadx.cli import build_parser, main
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert "report" in commands, "`zsadx report` is not registered in launch/cli.py (zsadx.eval.report.add_parser)"
 
     page_dir = grid["root"] / "page"
     assert main(["report", str(grid["grid"]), "--out", str(page_dir), "--figure-images", "2", "--device", "cpu"]) == 0
@@ -494,6 +497,15 @@ def test_a_page_zsadx_did_not_write_is_never_replaced(grid, report, tmp_path, ca
     rc, out, err = run_cli(capsys, "report", grid["out"], "--out", again, "--no-figure")
     assert rc == 0, err
     assert "left out (--no-figure)" in (again / "index.html").read_text()
+
+
+def test_a_misspelt_metric_is_one_line_and_writes_nothing(grid, report, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "report", grid["out"], "--out", tmp_path / "page", "--metrics",
+                           "image_auroc,pixel_aurco", "--no-figure")
+    assert rc == 2
+    line = one_error_line(err)
+    assert "pixel_aurco" in line and "pixel_auroc" in line               # the key and the suggestion
+    assert not (tmp_path / "page").exists()
 
 
 def test_report_of_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
