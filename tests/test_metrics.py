@@ -189,3 +189,74 @@ def test_paper_compat_anomalyclip_pro_matches_official_loop(seed):
     want = official_anomalyclip_pro(masks.astype(np.uint8), maps)
     assert anomalyclip_pro(acc) == pytest.approx(want, abs=1e-9)
     assert anomalyclip_pro(acc) != pytest.approx(acc.compute()["pixel_aupro"], abs=1e-4)  # a different number
+
+
+def test_signed_zeros_and_ties_in_maps_are_ties():
+    rng = np.random.default_rng(21)
+    masks, maps = random_class(rng, n_img=6, levels=5)
+    maps -= np.float32(0.6)                       # negative scores, and zeros of both signs
+    maps[np.abs(maps) < 0.05] = -0.0
+    maps[:, :2] = 0.0
+    acc = ClassMetrics("c")
+    acc.add(maps.reshape(6, -1).max(1), masks.reshape(6, -1).any(1), maps, masks)
+    got = acc.compute()
+    y, s = masks.ravel(), maps.ravel()
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(y, s), rel=1e-12)
+    assert got["pixel_ap"] == pytest.approx(average_precision_score(y, s), rel=1e-12)
+    assert got["pixel_f1_max"] == pytest.approx(sk_f1_max(y, s), rel=1e-12)
+    assert got["pixel_aupro"] == pytest.approx(reference_aupro(masks, maps), rel=1e-9)
+
+
+def test_curve_metrics_take_float_scores_as_well_as_keys():
+    rng = np.random.default_rng(2)
+    s = np.round(rng.normal(size=3000), 1).astype(np.float32)
+    y = rng.random(3000) < 0.3
+    from_floats = curve_metrics(s[~y].copy(), s[y])
+    k = sortable_keys(s)
+    from_keys = curve_metrics(k[~y].copy(), k[y])
+    assert from_floats == from_keys
+    assert from_floats.auroc == pytest.approx(roc_auc_score(y, s), rel=1e-12)
+
+
+def test_state_taken_mid_run_stays_intact_and_compute_repeats():
+    # The pixel scores grow in one buffer; a state handed out must not be moved or overwritten
+    # by later batches, and computing twice (or adding after computing) gives the right values.
+    rng = np.random.default_rng(8)
+    masks, maps = random_class(rng, n_img=9, size=32)
+    labels = masks.reshape(9, -1).any(1)
+    scores = maps.reshape(9, -1).max(1)
+    acc = ClassMetrics("c")
+    acc.add(scores[:3], labels[:3], maps[:3], masks[:3])
+    st = acc.state()
+    snapshot = [a.copy() for a in st["_all"]]
+    acc.add(scores[3:6], labels[3:6], maps[3:6], masks[3:6])
+    first = acc.compute()
+    assert first == acc.compute()
+    acc.add(scores[6:], labels[6:], maps[6:], masks[6:])
+    assert all(np.array_equal(np.sort(a), np.sort(b)) for a, b in zip(st["_all"], snapshot))
+    whole = ClassMetrics("c")
+    whole.add(scores, labels, maps, masks)
+    assert acc.compute() == pytest.approx(whole.compute(), rel=1e-12)
+    early = ClassMetrics("c")
+    early.merge(st)
+    part = ClassMetrics("c")
+    part.add(scores[:3], labels[:3], maps[:3], masks[:3])
+    assert early.compute() == pytest.approx(part.compute(), rel=1e-12)
+
+
+def test_regions_are_labelled_within_each_masks_box_as_on_the_whole_image():
+    from zsadx.eval.metrics import label_regions, region_ids
+
+    rng = np.random.default_rng(4)
+    masks, _ = random_class(rng, n_img=7, size=40)
+    masks[1] = False
+    masks[2, 0, 0] = masks[2, 1, 1] = masks[2, 39, 39] = True   # diagonal neighbours: one region (8-connected)
+    ids, sizes = region_ids(masks)
+    want_ids, want_sizes, n = [], [], 0
+    for m in masks:
+        lab, k = label_regions(m)
+        want_ids.append(lab[m] - 1 + n)
+        want_sizes.append(np.bincount(lab[m], minlength=k + 1)[1:])
+        n += k
+    assert np.array_equal(ids, np.concatenate(want_ids)) and np.array_equal(sizes, np.concatenate(want_sizes))
+    assert ids.size == masks.sum() and sizes.sum() == masks.sum()
