@@ -65,9 +65,18 @@ def _code() -> str:  # one git call per process, not two per cell
     return code_version()
 
 
+# Config keys that only say what is shown or logged, never what is computed: turning a tracker on
+# for a finished grid must not re-run its cells.
+NOT_RESULT_KEYS = ("tracking", "progress", "tensorboard", "log_every")
+
+
+def result_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_RESULT_KEYS}
+
+
 def train_key(cell: TrainCell) -> str:
     data = [dataset_fingerprint(s["shards"], s["dataset"]) for s in cell.config["data"]["sources"]]
-    return digest({"config": cell.config, "code": _code(), "data": data})
+    return digest({"config": result_config(cell.config), "code": _code(), "data": data})
 
 
 def eval_key(cell: EvalCell) -> Optional[str]:
@@ -78,7 +87,8 @@ def eval_key(cell: EvalCell) -> Optional[str]:
         if ckpt is None:
             return None
     d = cell.config["data"]
-    return digest({"config": cell.config, "code": _code(), "data": dataset_fingerprint(d["shards"], d["dataset"]),
+    return digest({"config": result_config(cell.config), "code": _code(),
+                   "data": dataset_fingerprint(d["shards"], d["dataset"]),
                    "checkpoint": ckpt})
 
 

@@ -91,6 +91,11 @@ def test_cache_keys_invalidate_on_config_data_and_checkpoint(tmp_path):
     torch.save({"w": torch.ones(2)}, ckpt)
     assert cache.state(ev) == "stale"
     cache.write_marker(ev.folder, status="done", key=cache.eval_key(ev))
+    # turning a tracker on (or the bar off) changes what is logged, not what is computed: still done
+    logged = expand(grid(**{**base, "methods": [{"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny",
+                                                  "train_overrides": ["tracking.log_with=[tensorboard]", "log_every=1"]}]},
+                         eval_overrides=["tracking.log_with=[tensorboard]", "progress=false"]))
+    assert cache.state(logged.train[0]) == "done" and cache.state(logged.evals[0]) == "done"
     # a changed eval config invalidates the evaluation; a changed train config the training
     assert cache.state(expand(grid(**base, eval_overrides=["data.batch_size=3"])).evals[0]) == "stale"
     changed = expand(grid(**{**base, "methods": [{"config": "methods/anomalyclip-tiny",
