@@ -107,7 +107,9 @@ class Browser:
 
     def send(self, method: str, **params) -> dict:
         self._id += 1
-        msg = {"id": self._id, "method": method, "params": params, **({"sessionId": self.session} if self.session else {})}
+        msg = {"id": self._id, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
         os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
         while True:
             reply = self._receive()
@@ -497,6 +499,27 @@ def test_a_page_zsadx_did_not_write_is_never_replaced(grid, report, tmp_path, ca
     rc, out, err = run_cli(capsys, "report", grid["out"], "--out", again, "--no-figure")
     assert rc == 0, err
     assert "left out (--no-figure)" in (again / "index.html").read_text()
+
+
+def test_a_marker_naming_a_file_outside_its_cell_shows_nothing_of_that_file(grid, report, tmp_path, capsys):
+    grid_copy = tmp_path / "grid"
+    shutil.copytree(grid["out"], grid_copy, ignore=shutil.ignore_patterns("*.lock"))
+    marker_file = next(grid_copy.glob("eval/clip/zero-shot/visa/seed0/cell.json"))
+    marker = json.loads(marker_file.read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = elsewhere / "x.json"
+    shutil.copy(marker["result"], result)
+    (elsewhere / "x.config.yaml").write_text("token: SECRET-1234\n")
+    marker["result"] = str(result)
+    marker_file.write_text(json.dumps(marker))
+    rc, out, err = run_cli(capsys, "report", grid_copy, "--out", tmp_path / "page", "--no-figure")
+    assert rc == 0, err
+    html = (tmp_path / "page" / "index.html").read_text()
+    assert "SECRET-1234" not in html
+    row = next(tr for tr in Dom(html).root.find("table", id="cells").find_all("tr")
+               if tr.find_all("td") and tr.find("td").text() == "eval/clip/zero-shot/visa/seed0")
+    assert row.find_all("td")[3].text() == "-" and row.find_all("td")[5].text() == "-"   # no code version, no config
 
 
 def test_a_misspelt_metric_is_one_line_and_writes_nothing(grid, report, tmp_path, capsys):

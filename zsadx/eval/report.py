@@ -72,11 +72,14 @@ def _read_text(path: Path) -> Optional[str]:
         return None
 
 
-def _eval_config_and_code(marker: dict) -> tuple[Optional[str], Optional[str]]:
-    """An evaluation cell's ``{stem}.config.yaml`` (saved beside its results) and the results' code version."""
-    if not marker.get("result"):
+def _eval_config_and_code(marker: dict, folder: Path) -> tuple[Optional[str], Optional[str]]:
+    """An evaluation cell's ``{stem}.config.yaml`` (saved beside its results) and the results' code
+    version. Only from the cell's own folder: a marker naming a file elsewhere shows nothing of it."""
+    if not isinstance(marker.get("result"), str):
         return None, None
     result = Path(marker["result"])
+    if not result.resolve().is_relative_to(folder.resolve()):
+        return None, None
     res = _read_json(result) or {}
     return _read_text(result.with_name(result.stem + ".config.yaml")), res.get("code_version")
 
@@ -95,7 +98,7 @@ def cell_info(marker_file: Path) -> CellInfo:
         return CellInfo(str(folder), "unreadable", error=f"{marker_file}: not a JSON object")
     cell_id = str(marker.get("id") or folder)
     config, code = (_train_config_and_code(folder) if cell_id.startswith("train/")
-                    else _eval_config_and_code(marker))
+                    else _eval_config_and_code(marker, folder))
     logs = [(label, Path(marker[k])) for k, label in (("log", "job log"), ("log_file", "training log"))
             if isinstance(marker.get(k), str)]
     seconds = marker.get("seconds") if isinstance(marker.get("seconds"), (int, float)) else None
@@ -197,7 +200,8 @@ def per_class_tables(table: tables.ClassTable) -> str:
             bests = [tables._best_of([v[i] for v in values]) for i in range(len(table.metrics))]
             tds = "".join(_value_cell(v[i], i, bests[i]) for v in values for i in range(len(table.metrics)))
             label = "mean" if c is None else c
-            trs.append(f'<tr class="{"avg" if c is None else "class"}"><td class="class">{escape(label)}</td>{tds}</tr>')
+            kind = "avg" if c is None else "class"
+            trs.append(f'<tr class="{kind}"><td class="class">{escape(label)}</td>{tds}</tr>')
         n = len(classes) - 1
         parts.append(f'<details class="per-class" data-domain="{_attr(dom)}" data-dataset="{_attr(ds)}" open>'
                      f"<summary>{escape(ds)} ({escape(dom)}, {n} class{'es' if n != 1 else ''})</summary>"
@@ -209,7 +213,8 @@ def per_class_tables(table: tables.ClassTable) -> str:
 def metric_boxes(table: tables.Table) -> str:
     shown = [m for m in table.metrics if m in DEFAULT_CHECKED] or list(table.metrics)
     boxes = [f'<label><input type="checkbox" class="metric-box" data-metric="{_attr(m)}" data-index="{i}"'
-             f'{" data-default checked" if m in shown else ""}> {escape(m)}</label>' for i, m in enumerate(table.metrics)]
+             f'{" data-default checked" if m in shown else ""}> {escape(m)}</label>'
+             for i, m in enumerate(table.metrics)]
     return '<div id="metric-boxes">metrics: ' + " ".join(boxes) + "</div>"
 
 
@@ -267,7 +272,8 @@ STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0} th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f4f6f8;vertical-align:bottom} td[data-key=domain],td[data-key=dataset],td.class,#cells td,#cells th{text-align:left}
+th{background:#f4f6f8;vertical-align:bottom}
+td[data-key=domain],td[data-key=dataset],td.class,#cells td,#cells th{text-align:left}
 th a.sort{color:#124;text-decoration:none} th a.sort:hover{text-decoration:underline}
 th[aria-sort=ascending] a.sort::after{content:" \\25B2"} th[aria-sort=descending] a.sort::after{content:" \\25BC"}
 .metric{font-weight:normal;color:#555;font-size:12px} tr.avg td{background:#f8f8f0;font-style:italic}
