@@ -202,3 +202,12 @@ def test_shards_are_not_written_to_a_url(shards, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "data", "shard", shards.parent / "manifest.jsonl", "--out", "http://127.0.0.1:9/s")
     assert rc == 2 and "written to a local folder" in one_error_line(err)
     assert not Path("http:").exists()
+
+
+def test_pipe_roots_honour_webdatasets_security_switch(shards, monkeypatch):
+    """WDS_SECURE=1 (webdataset's switch: no commands from URLs) turns pipe: roots off, by name."""
+    from webdataset import utils as wds_utils
+
+    monkeypatch.setattr(wds_utils, "enforce_security", True)
+    with pytest.raises(ShardError, match="WDS_SECURE=1"):
+        load_index(f"pipe:cat {shards}/{{name}}")

@@ -64,7 +64,7 @@ def decode_sample(sample: dict[str, bytes], transform: EvalTransform, shard: str
 
 
 def _image(sample: dict[str, bytes]) -> Image.Image | np.ndarray:
-    """The sample's image: uint8 (H, W, 3) pixels from a raw member, else the decoded PIL image."""
+    """The sample's image: uint8 (3, H, W) pixels from a raw member, else the decoded PIL image."""
     if "img.npy" in sample:
         return decode_raw(sample["img.npy"], 3)
     ext = next(k for k in sample if k.startswith("img."))

@@ -612,10 +612,14 @@ def open_member(location: str) -> IO[bytes]:
     """
     if not is_remote(location):
         return open(location, "rb")
+    from webdataset import utils as wds_utils
     from webdataset.gopen import Pipe
 
-    err = tempfile.TemporaryFile()
     http = not location.startswith("pipe:")
+    if not http and wds_utils.enforce_security:  # webdataset's switch against running commands
+        raise ShardError(f"{location}: pipe: shard roots are turned off here (WDS_SECURE=1 forbids running "
+                         f"commands); use a local folder or an http(s):// root")
+    err = tempfile.TemporaryFile()
     try:
         stream = Pipe(_CURL + [location] if http else location[len("pipe:"):], mode="rb", shell=not http,
                       stderr=err, bufsize=1 << 20, ignore_status=[141, 23] if http else [141])
