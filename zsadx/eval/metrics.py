@@ -75,18 +75,20 @@ def label_regions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(n)
 
 
-def region_ids(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def region_ids(masks: np.ndarray, rows: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """8-connected regions of each mask of a (B, H, W) bool stack: the region id of every mask pixel
     (row-major over the stack, as ``scores[masks]``; ids from 0, numbered on across the images) and
     each region's pixel count. Each mask is labelled within the box around its pixels: labelling
-    cost follows the defect's size, not the image's."""
+    cost follows the defect's size, not the image's. ``rows`` (B, H): ``masks.any(2)``, if known."""
+    rows = masks.any(2) if rows is None else rows
     ids, sizes, n = [], [], 0
-    for mask in masks:
-        rows = np.flatnonzero(mask.any(1))
-        if rows.size == 0:
+    for mask, in_row in zip(masks, rows):
+        r = np.flatnonzero(in_row)
+        if r.size == 0:
             continue
-        cols = np.flatnonzero(mask.any(0))
-        box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # holds every mask pixel, in row-major order
+        band = mask[r[0]:r[-1] + 1]
+        c = np.flatnonzero(band.any(0))
+        box = band[:, c[0]:c[-1] + 1]  # holds every mask pixel, in row-major order
         labels, k = label_regions(box)
         inside = labels[box]
         ids.append(inside - 1 + n)
@@ -477,14 +479,16 @@ class ClassMetrics:
         if maps.shape[0] == 0:
             return
         self._all.append(maps.reshape(-1), fresh=fresh)  # copied unless fresh: the caller may reuse its buffer
-        if not masks.any():
+        rows = masks.any(2)
+        masked = rows.any(1)
+        if not masked.any():
             return
-        ids, sizes = region_ids(masks)
+        ids, sizes = region_ids(masks, rows)
         self._pos.append(maps[ops.from_host(masks)])
         self._reg.append(ops.from_host(ids + self.n_regions))
         self._sizes.append(ops.from_host(sizes))
         self.n_regions += int(sizes.size)
-        self.n_masks += int(masks.reshape(len(masks), -1).any(1).sum())
+        self.n_masks += int(masked.sum())
 
     # -- results --------------------------------------------------------------------------
     def image_metrics(self) -> CurveResult:
