@@ -103,7 +103,7 @@ class Browser:
                                      stderr=subprocess.DEVNULL)
         os.close(cmd_r)
         os.close(reply_w)
-        self._buf, self._id, self.session = b"", 0, None
+        self._buf, self._id, self.session, self._events = b"", 0, None, []
 
     def send(self, method: str, **params) -> dict:
         self._id += 1
@@ -116,6 +116,12 @@ class Browser:
             if reply.get("id") == self._id:
                 assert "error" not in reply, (method, reply["error"])
                 return reply["result"]
+            self._events.append(reply.get("method"))
+
+    def wait_for(self, event: str) -> None:
+        while event not in self._events:
+            self._events.append(self._receive().get("method"))
+        self._events.remove(event)
 
     def _receive(self, timeout: float = 60) -> dict:
         import select
@@ -129,9 +135,13 @@ class Browser:
         return json.loads(raw)
 
     def open(self, url: str) -> None:
-        target = self.send("Target.createTarget", url=url)["targetId"]
+        """A new tab at ``url``, once its load event fired (its inline script has run)."""
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.js("new Promise(r => document.readyState === 'complete' ? r(1) : addEventListener('load', () => r(1)))")
+        self.send("Page.enable")
+        self.send("Page.navigate", url=url)
+        self.wait_for("Page.loadEventFired")
+        assert self.js("location.href") == url, "the load event of another page"
 
     def js(self, expression: str):
         res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
