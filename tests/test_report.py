@@ -546,3 +546,39 @@ def test_report_of_a_folder_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert rc == 2
     assert "nope" in one_error_line(err)
     assert not (tmp_path / "page").exists()
+
+
+# ---- a grid config: every planned cell's state --------------------------------------------------
+
+def _statuses(page: Path) -> dict[str, str]:
+    rows = Dom(page.read_text()).root.find("table", id="cells").find("tbody").find_all("tr")
+    return {tr.find("td").text(): tr.attrs["data-status"] for tr in rows}
+
+
+def test_a_grid_config_gives_each_planned_cell_its_state_lost_and_missing_too(grid, report, tmp_path, capsys):
+    """Through the grid config the page says what `zsadx grid status` says: a 'running' cell whose
+    process is gone is lost, a cell without a marker is missing; a folder shows the markers' words."""
+    from launch import cache
+
+    running = grid["out"] / "eval/clip/zero-shot/bmad-brain/seed0"
+    unmarked = grid["out"] / "eval" / HOSTILE_LABEL / "zero-shot/visa/seed0"
+    saved = {f: f.read_bytes() for f in (running / "cell.json", unmarked / "cell.json")}
+    try:
+        ended = subprocess.Popen(["true"])
+        ended.wait()
+        cache.write_marker(running, status="running", where={**cache.process_identity(os.getpid()), "pid": ended.pid})
+        (unmarked / "cell.json").unlink()
+        rc, out, err = run_cli(capsys, "report", grid["grid"], "--out", tmp_path / "planned", "--no-figure")
+        assert rc == 0, err
+        planned = _statuses(tmp_path / "planned" / "index.html")
+        assert planned.pop("eval/clip/zero-shot/bmad-brain/seed0") == "lost"
+        assert planned.pop(f"eval/{HOSTILE_LABEL}/zero-shot/visa/seed0") == "missing"
+        assert sorted(planned.values()) == ["done", "done", "failed", "failed"]
+        rc, out, err = run_cli(capsys, "report", grid["out"], "--out", tmp_path / "folder", "--no-figure")
+        assert rc == 0, err
+        markers = _statuses(tmp_path / "folder" / "index.html")
+        assert markers["eval/clip/zero-shot/bmad-brain/seed0"] == "running"
+        assert f"eval/{HOSTILE_LABEL}/zero-shot/visa/seed0" not in markers
+    finally:
+        for f, data in saved.items():
+            f.write_bytes(data)

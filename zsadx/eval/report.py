@@ -105,10 +105,15 @@ def cell_info(marker_file: Path) -> CellInfo:
     return CellInfo(cell_id, str(marker.get("status") or "unknown"), marker.get("error"), seconds, code, config, logs)
 
 
-def collect_cells(root: Path) -> list[CellInfo]:
-    """Every cell with a marker under a grid folder, in id order (training cells first)."""
-    cells = [cell_info(m) for m in Path(root).rglob("cell.json")]
-    return sorted(cells, key=lambda c: (not c.id.startswith("train/"), c.id))
+def collect_cells(root: Path, states: Optional[dict[str, str]] = None) -> list[CellInfo]:
+    """Every cell with a marker under a grid folder, in id order (training cells first). ``states``
+    (cell id -> state, from the grid's plan) overrides what the markers say (a 'running' cell whose
+    process is gone is 'lost', a done one whose config changed 'stale') and adds the planned cells
+    that have no marker yet."""
+    cells = {c.id: c for c in map(cell_info, Path(root).rglob("cell.json"))}
+    for cell_id, state in (states or {}).items():
+        cells.setdefault(cell_id, CellInfo(cell_id, state)).status = state
+    return sorted(cells.values(), key=lambda c: (not c.id.startswith("train/"), c.id))
 
 
 # ------------------------------------------------------------------------------------------
@@ -495,16 +500,17 @@ def draw_figure_png(root: Path, request: FigureRequest) -> tuple[Optional[bytes]
 
 def write_report(root: str | Path, out_dir: str | Path, metrics: Optional[Sequence[str]] = None,
                  axis: str = "method", title: Optional[str] = None,
-                 figure: Optional[FigureRequest] = FigureRequest()) -> Path:
+                 figure: Optional[FigureRequest] = FigureRequest(),
+                 states: Optional[dict[str, str]] = None) -> Path:
     """``out_dir/index.html`` for the grid (or results) folder ``root``; returns the page's path.
-    ``figure=None`` leaves the qualitative figure out."""
+    ``figure=None`` leaves the qualitative figure out; ``states``: see :func:`collect_cells`."""
     root, out_dir = Path(root), Path(out_dir)
     if not root.is_dir():
         raise ReportError(f"{root}: no such folder (give a grid config or a grid output folder)")
     target = out_dir / PAGE
     _check_replaceable(target)
     table, class_table = build_tables(tables.collect(root), metrics, axis)
-    cells = collect_cells(root)
+    cells = collect_cells(root, states)
     figure_png, figure_note = (draw_figure_png(root, figure) if figure is not None
                                else (None, "left out (--no-figure)"))
     html = page(title or f"zsadx report: {root}", table, class_table, cells, out_dir, figure_png, figure_note)
@@ -537,10 +543,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def main(args: argparse.Namespace, root: str | Path) -> int:
+def main(args: argparse.Namespace, root: str | Path, states: Optional[dict[str, str]] = None) -> int:
+    """The command: ``root`` is the grid's output folder, ``states`` its planned cells' states (for
+    a grid config; None for a folder: the markers' statuses)."""
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     figure = None if args.no_figure else FigureRequest(args.figure_dataset, args.figure_images, args.figure_seed,
                                                        args.device)
-    path = write_report(root, args.out, metrics, args.columns, args.title, figure)
+    path = write_report(root, args.out, metrics, args.columns, args.title, figure, states)
     print(f"report: {path}")
     return 0
