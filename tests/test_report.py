@@ -383,6 +383,8 @@ def test_metric_check_boxes_and_domain_views_from_the_hash(grid, report, tmp_pat
     averages = dom(tmp_path, report, "#view=averages")
     assert [r["dataset"] for r in results_rows(averages) if not r["hidden"]] == [
         r["dataset"] for r in js["rows"] if r["dataset"].endswith(" average")]
+    unknown = dom(tmp_path, report, "#view=another-grids-domain")               # a bookmark of another page
+    assert not any(r["hidden"] for r in results_rows(unknown))
 
 
 @needs_chromium

@@ -365,6 +365,8 @@ SCRIPT = r"""
     });
   }
   function showView(v) {
+    var known = Array.prototype.some.call(view.options, function (o) { return o.value === v; });
+    if (!known) v = 'all';  // a hash from another grid's page
     view.value = v;
     Array.prototype.forEach.call(view.options, function (o) { o.toggleAttribute('selected', o.value === v); });
     original.forEach(function (r) {
