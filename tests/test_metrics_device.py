@@ -65,7 +65,7 @@ def test_device_levels_are_the_host_levels_exactly(device):
     weights = rng.random(pos.size)
     want = levels(_NUMPY, np.sort(scores), pos, weights, holds_positives=True)
     ops = _TorchOps(device)
-    got = levels(ops, ops.sort_in_place(torch.from_numpy(scores).to(device)), torch.from_numpy(pos).to(device),
+    got = levels(ops, ops.sort(torch.from_numpy(scores).to(device)), torch.from_numpy(pos).to(device),
                  torch.from_numpy(weights).to(device), holds_positives=True)
     for field in ("pos_below", "neg_ge", "neg_gt"):
         assert np.array_equal(getattr(got, field), getattr(want, field)), field
