@@ -534,6 +534,15 @@ def test_a_marker_naming_a_file_outside_its_cell_shows_nothing_of_that_file(grid
     assert row.find_all("td")[3].text() == "-" and row.find_all("td")[5].text() == "-"   # no code version, no config
 
 
+def test_a_figure_that_cannot_be_drawn_is_one_line_on_a_page_written_anyway(grid, report, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, "report", grid["out"], "--out", tmp_path / "page", "--figure-dataset", "btad")
+    assert rc == 0, err
+    root = Dom((tmp_path / "page" / "index.html").read_text()).root
+    note = root.find("section", id="figure").text()
+    assert "not drawn for btad: " in note and not root.find("section", id="figure").find_all("img")
+    assert len(results_rows(root)) == 4                                   # the rest of the report is there
+
+
 def test_a_misspelt_metric_is_one_line_and_writes_nothing(grid, report, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "report", grid["out"], "--out", tmp_path / "page", "--metrics",
                            "image_auroc,pixel_aurco", "--no-figure")
