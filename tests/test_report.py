@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -575,7 +576,7 @@ def test_a_grid_config_gives_each_planned_cell_its_state_lost_and_missing_too(gr
     unmarked = grid["out"] / "eval" / HOSTILE_LABEL / "zero-shot/visa/seed0"
     saved = {f: f.read_bytes() for f in (running / "cell.json", unmarked / "cell.json")}
     try:
-        ended = subprocess.Popen(["true"])
+        ended = subprocess.Popen([sys.executable, "-c", ""])
         ended.wait()
         cache.write_marker(running, status="running", where={**cache.process_identity(os.getpid()), "pid": ended.pid})
         (unmarked / "cell.json").unlink()
