@@ -157,3 +157,15 @@ def test_a_shard_tar_member_is_read_into_a_writable_buffer(png_and_raw):
     assert isinstance(sample["img.npy"], bytearray)
     with tarfile.open(ref.path) as tar:
         assert tar.extractfile(f"{sample['__key__']}.img.npy").read() == bytes(sample["img.npy"])
+
+
+def test_data_benchmark_prints_every_format_beside_the_bound(capsys):
+    """benchmarks/data.py runs (a few tiny images): one row per format, the bound, before and folder."""
+    from test_bench_smoke import bench_module
+
+    bench_module("data").main(["--images", "4", "--native", "48", "--size", "32", "--workers", "1",
+                               "--repeats", "1"])
+    printed = capsys.readouterr().out
+    for row in ("decode bound", "shards png (uint8)", "shards webp (uint8)", "shards jpg (uint8)",
+                "shards raw (uint8)", "float in workers (before)", "folder of PNG", "collate"):
+        assert row in printed, row
