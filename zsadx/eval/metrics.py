@@ -352,7 +352,7 @@ class _GrowingScores:
     (numpy's resize reallocates, and a large block is remapped rather than copied), so the final
     sort runs on it directly -- no list of pieces joined into a second buffer at the end."""
 
-    GROWTH = 1.25
+    GROWTH = 1.125
 
     def __init__(self):
         self._buf = np.empty(0, np.float32)
