@@ -1,4 +1,5 @@
-"""``zsadx grid plan|run|status GRID``, ``zsadx table GRID_OR_RUN_DIR`` and ``zsadx figure GRID``."""
+"""``zsadx grid plan|run|status GRID``, ``zsadx table GRID_OR_RUN_DIR``, ``zsadx figure GRID`` and
+``zsadx report GRID``."""
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,9 @@ def add_parser(sub) -> None:
     f.add_argument("--methods", help="comma-separated method labels of the grid, in column order (default: all)")
     f.add_argument("--device", default="auto", help="where the methods run: auto (a GPU if there is one), cpu, cuda")
     f.set_defaults(func=_figure)
+    from zsadx.eval import report
+
+    report.add_parser(sub).set_defaults(func=_report)
 
 
 def _grid(args: argparse.Namespace) -> int:
@@ -146,6 +150,24 @@ def _grid_folder(path: str) -> Path:
     from launch.grid import load_grid
 
     return Path(load_grid(path).out_dir)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from zsadx.eval import report
+
+    return report.main(args, _grid_folder(args.path), _cell_states(args.path))
+
+
+def _cell_states(path: str) -> dict[str, str] | None:
+    """Every planned cell's state (as `zsadx grid status` gives it) for a grid config; None for a folder,
+    whose markers speak for themselves."""
+    if Path(path).is_dir():
+        return None
+    from launch import cache
+    from launch.grid import expand, load_grid
+
+    plan = expand(load_grid(path))
+    return cache.states([*plan.train, *plan.evals])
 
 
 def _names(text: str | None) -> list[str] | None:

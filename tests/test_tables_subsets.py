@@ -97,6 +97,23 @@ def test_grid_cell_markers_carry_the_subset_too(shards, tmp_path, capsys):
     assert r["industrial average"][0][0] == pytest.approx(r["sdd"][0][0], rel=1e-12)
 
 
+def test_a_cut_off_cell_marker_is_left_out_with_a_warning_naming_it(shards, tmp_path, capsys, caplog):
+    from launch import cache
+
+    grid = tmp_path / "grid"
+    for dataset in ("sdd", "btad"):
+        folder = grid / "eval" / "clip" / "zero-shot" / dataset / "seed0"
+        zsadx_eval(shards / "full", dataset, folder)
+        (result,) = folder.glob(f"*-{dataset}.json")
+        cache.write_marker(folder, id=f"eval/clip/zero-shot/{dataset}/seed0", status="done", result=str(result))
+    marker = grid / "eval" / "clip" / "zero-shot" / "btad" / "seed0" / "cell.json"
+    marker.write_text(marker.read_text()[:25])  # a job killed while its marker was written by an old zsadx
+    with caplog.at_level("WARNING"):
+        r = rows(table(capsys, grid))
+    assert list(r) == ["sdd", "industrial average"]
+    assert any(str(marker) in m and "unreadable" in m for m in caplog.messages)
+
+
 def test_a_domain_of_subsets_only_has_no_average_row(shards, tmp_path, capsys):
     zsadx_eval(shards / "full", "btad", tmp_path / "one", "01")
     zsadx_eval(shards / "full", "btad", tmp_path / "two", "02")

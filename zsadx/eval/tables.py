@@ -15,6 +15,7 @@ columns are the axis values (methods) x the metrics.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 DOMAIN_ORDER = ("industrial", "medical")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +68,18 @@ def parse_cell_id(cell_id: str) -> Optional[tuple[str, str, str, int, int]]:
     return parts[1], parts[2], parts[3], seed, shots
 
 
+def _read_json(path: Path, what: str) -> Optional[dict]:
+    """A JSON object, or None with a warning naming the file: one cut-off marker (a killed job, a full
+    disk) leaves that cell out of the table instead of failing the whole table."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s %s is unreadable (%s): left out; `zsadx grid status` shows the cell", what, path,
+                    type(exc).__name__)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def collect(root: str | Path) -> list[Record]:
     """Finished cells under a grid folder (cell markers), else plain results files of ``zsadx eval``."""
     root = Path(root)
@@ -72,14 +87,16 @@ def collect(root: str | Path) -> list[Record]:
     markers = sorted(root.rglob("cell.json"))
     if markers:
         for m in markers:
-            data = json.loads(m.read_text())
-            if data.get("status") != "done" or not data.get("result"):
+            data = _read_json(m, "cell marker")
+            if not data or data.get("status") != "done" or not data.get("result"):
                 continue
-            cell = parse_cell_id(data["id"])
+            cell = parse_cell_id(str(data.get("id", "")))
             if cell is None:
                 continue
             method, train_set, dataset, seed, shots = cell
-            res = json.loads(Path(data["result"]).read_text())
+            res = _read_json(Path(data["result"]), f"results file of cell {data['id']}")
+            if not res or "mean" not in res:
+                continue
             records.append(Record(method, train_set, dataset, res.get("domain", "industrial"), seed, shots,
                                   res["mean"], **_coverage(res)))
         return records
