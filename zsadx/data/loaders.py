@@ -10,6 +10,11 @@ Training (:class:`TrainMixture`): each consumer draws shards with replacement fr
 (as open_clip's resampled mode), picks the source of every sample by weight, shuffles through a
 buffer, and yields whole batches: exactly ``batches_per_epoch`` per rank, so DDP ranks stay in
 step. Everything is seeded by (seed, epoch, rank, worker), so a run is reproducible.
+
+Both yield uint8 images (N, 3, S, S) and uint8 masks: workers only read and decode, batches are
+stacked into shared memory, and the consumer normalises on its device
+(:func:`zsadx.data.transforms.normalise`). Shard roots may be local folders, http(s):// URLs or
+pipe: commands (:mod:`zsadx.data.shards`).
 """
 from __future__ import annotations
 
