@@ -57,8 +57,24 @@ ANOMALIB_VENV := benchmarks/.venv-anomalib
 bench-data: $(STAMP)
 	$(PY) benchmarks/data.py
 
+ADEVAL_VENV := benchmarks/.venv-adeval
+
+# ADEval's EvalAccumulator needs numpy and cv2 only: --no-deps keeps a CUDA torch out of its venv.
 bench-metrics: $(STAMP)
 	test -x $(ANOMALIB_VENV)/bin/python || ($(PYTHON) -m venv $(ANOMALIB_VENV) && \
 	  $(ANOMALIB_VENV)/bin/pip install -q $(TORCH_PIN) && \
 	  $(ANOMALIB_VENV)/bin/pip install -q $(TORCH_PIN) anomalib scikit-learn scipy)
-	$(PY) benchmarks/metrics.py --anomalib-python $(ANOMALIB_VENV)/bin/python
+	test -x $(ADEVAL_VENV)/bin/python || ($(PYTHON) -m venv $(ADEVAL_VENV) && \
+	  $(ADEVAL_VENV)/bin/pip install -q numpy opencv-python-headless && \
+	  $(ADEVAL_VENV)/bin/pip install -q --no-deps adeval==1.1.0)
+	$(PY) benchmarks/metrics.py --adeval-python $(ADEVAL_VENV)/bin/python \
+	  --anomalib-python $(ANOMALIB_VENV)/bin/python
+
+bench-shard: $(STAMP)
+	$(PY) benchmarks/shard.py
+
+bench-pipeline: $(STAMP)
+	$(PY) benchmarks/eval_pipeline.py
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py
