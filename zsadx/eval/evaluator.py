@@ -172,20 +172,27 @@ def eval_device(name: str) -> torch.device:
     return device
 
 
-def evaluate(cfg: EvalConfig) -> Optional[dict]:
-    """Run the evaluation; returns the results on rank 0 (None on other ranks)."""
-    from torch.utils.data import DataLoader
+@dataclass
+class PreparedEvaluation:
+    """A method ready to score one dataset, with what its evaluation needs to know of the data."""
 
-    from zsadx.data.loaders import EvalShards
+    method: Any
+    index: dict
+    classes: list[str]
+    domain: str
+    has_masks: bool
+    transform: Any
+    eval_size: int
+    reference_keys: dict
+
+
+def prepare_evaluation(cfg: EvalConfig, device: torch.device) -> PreparedEvaluation:
+    """Build the method on ``device``, load its checkpoint and prepare it for the dataset (classes,
+    domain, seeded few-shot references). One function, so anything that scores images as an
+    evaluation did (``zsadx figure``) prepares the method exactly as it."""
     from zsadx.data.shards import load_index
     from zsadx.data.transforms import EvalTransform
-    from zsadx.version import code_version
 
-    _init_distributed()
-    rank, world = _dist()
-    torch.manual_seed(cfg.seed)
-    device = eval_device(cfg.device)
-    t_start = time.perf_counter()
     method = build_method(cfg.method).to(device).eval()
     check_trained(method, cfg)
     if cfg.checkpoint:
@@ -196,13 +203,31 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
     groups = [g for g in index["groups"] if g["dataset"] == cfg.data.dataset and g["split"] == cfg.data.split]
     classes = cfg.data.classes or sorted({g["cls"] for g in groups})
     domain = groups[0]["domain"] if groups else "industrial"
-    has_masks = any(g["counts"]["masks"] for g in groups)
     transform = EvalTransform(size=size, mask_resize=cfg.data.mask_resize, mask_size=eval_size)
     references, reference_keys = None, {}
     if cfg.method.shots > 0:
         references, reference_keys = sample_references(cfg.data.shards, cfg.data.dataset, classes, cfg.method.shots,
                                                        cfg.seed, transform, cfg.data.reference_split, device)
     method.prepare(classes, domain, references)
+    return PreparedEvaluation(method, index, classes, domain, any(g["counts"]["masks"] for g in groups), transform,
+                              eval_size, reference_keys)
+
+
+def evaluate(cfg: EvalConfig) -> Optional[dict]:
+    """Run the evaluation; returns the results on rank 0 (None on other ranks)."""
+    from torch.utils.data import DataLoader
+
+    from zsadx.data.loaders import EvalShards
+    from zsadx.version import code_version
+
+    _init_distributed()
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    device = eval_device(cfg.device)
+    t_start = time.perf_counter()
+    setup = prepare_evaluation(cfg, device)
+    method, classes, transform, eval_size = setup.method, setup.classes, setup.transform, setup.eval_size
+    index, domain, has_masks, reference_keys = setup.index, setup.domain, setup.has_masks, setup.reference_keys
     ds = EvalShards(cfg.data.shards, cfg.data.dataset, cfg.data.classes, cfg.data.split, transform)
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                         pin_memory=device.type == "cuda")
@@ -532,7 +557,8 @@ def sample_references(shards: str, dataset: str, classes: list[str], shots: int,
         if len(raw) < shots:
             raise ShardError(f"few-shot needs {shots} normal '{split}' images of class '{c}' in {dataset}, "
                              f"the shards hold {len(raw)}: use a dataset with a train split (your own images: put normal "
-                             f"references in <root>/train/normal/ of the folder dataset, convert and shard again) "
+                             f"references in <root>/train/normal/ of the folder dataset, or convert with --hold-out N; "
+                             f"then shard again) "
                              f"or shots=0")
         chosen = sorted(random.Random(f"{seed}/{dataset}/{c}").sample(sorted(raw), shots))
         images = torch.stack([decode_sample(raw[k][1], transform, raw[k][0])["image"] for k in chosen])

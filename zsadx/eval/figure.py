@@ -239,47 +239,14 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def prepared_method(cfg, device: torch.device):
-    """The cell's method on ``device``, its checkpoint loaded, prepared for the dataset as the
-    evaluator prepares it (classes, domain and the seeded few-shot references)."""
-    from zsadx.data.shards import load_index
-    from zsadx.data.transforms import EvalTransform
-    from zsadx.eval.evaluator import check_trained, sample_references
-    from zsadx.models.methods.base import build_method
-
-    method = build_method(cfg.method).to(device).eval()
-    check_trained(method, cfg)
-    if cfg.checkpoint:
-        method.load_checkpoint(cfg.checkpoint)
-    size, eval_size = _sizes(cfg)
-    groups = [g for g in load_index(cfg.data.shards)["groups"]
-              if g["dataset"] == cfg.data.dataset and g["split"] == cfg.data.split]
-    classes = cfg.data.classes or sorted({g["cls"] for g in groups})
-    domain = groups[0]["domain"] if groups else "industrial"
-    references = None
-    if cfg.method.shots > 0:
-        transform = EvalTransform(size=size, mask_resize=cfg.data.mask_resize, mask_size=eval_size)
-        references, _ = sample_references(cfg.data.shards, cfg.data.dataset, classes, cfg.method.shots, cfg.seed,
-                                          transform, cfg.data.reference_split, device)
-    method.prepare(classes, domain, references)
-    return method, classes
-
-
-def _sizes(cfg) -> tuple[int, int]:
-    size = cfg.method.input_size or cfg.method.backbone.image_size
-    return size, cfg.method.eval_size or size
-
-
 def cell_maps(cell: Cell, cfg, samples: Sequence[tuple[str, dict]],
               device: torch.device) -> tuple[list[np.ndarray], list[float]]:
     """The cell's heat map (at its evaluation size) and image score of each sample, in order."""
     from zsadx.data.loaders import collate, decode_sample
-    from zsadx.data.transforms import EvalTransform
-    from zsadx.eval.evaluator import score_batch
+    from zsadx.eval.evaluator import prepare_evaluation, score_batch
 
-    method, classes = prepared_method(cfg, device)
-    size, eval_size = _sizes(cfg)
-    transform = EvalTransform(size=size, mask_resize=cfg.data.mask_resize, mask_size=eval_size)
+    setup = prepare_evaluation(cfg, device)
+    method, classes, transform, eval_size = setup.method, setup.classes, setup.transform, setup.eval_size
     decoded = [decode_sample(sample, transform, shard) for shard, sample in samples]
     outside = [d["key"] for d in decoded if d["cls"] not in classes]
     if outside:
