@@ -606,9 +606,10 @@ def member_location(root: str | os.PathLike, name: str) -> str:
 def open_member(location: str) -> IO[bytes]:
     """A binary stream of a local file, a URL or a pipe: command's output (streamed, never saved).
 
-    Remote streams are webdataset's ``gopen`` pipes (its curl command for http(s), a shell for
-    pipe:), opened here with the reader's stderr kept in a temporary file (not a pipe: a chatty
-    command cannot block on it), so a failure can quote the reader's own words.
+    Remote streams are webdataset's :class:`~webdataset.gopen.Pipe`, what its ``gopen`` returns for
+    http(s) (its curl command, plus ``-S``) and pipe: (a shell), built here so that the reader's
+    stderr goes to a temporary file (not a pipe: a chatty command cannot block on it) and a
+    failure can quote the reader's own words.
     """
     if not is_remote(location):
         return open(location, "rb")
