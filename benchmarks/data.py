@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             sizes[fmt] = index["bytes"] / args.images / 1e3
             print(f"sharded {fmt:4s} in {time.perf_counter() - t0:5.1f}s: {sizes[fmt]:6.0f} KB/image")
         t = EvalTransform(size=args.size)
-        rows = [("decode bound: PIL decode of the PNG bytes", decode_bound(tmp / "shards-png", args.repeats), "")]
+        first_bound = decode_bound(tmp / "shards-png", args.repeats)
+        rows = [("decode bound: PIL decode of the PNG bytes", first_bound, "")]
         for fmt in FORMATS:
             rows.append((f"shards {fmt} (uint8)", best_rate(in_process(tmp / f"shards-{fmt}", t), args.repeats),
                          f"{sizes[fmt]:.0f} KB/img"))
@@ -186,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("folder of PNG (seed-style)",
                      best_rate(lambda: ({"image": folder[i]["image"][None]} for i in range(len(folder))),
                                args.repeats), f"{args.native}px PNG"))
+        # Measured again after the loaders, the best of both: a busy moment during one pass would
+        # otherwise lower the bound the loaders are compared with.
+        again = decode_bound(tmp / "shards-png", args.repeats)
+        rows[0] = (rows[0][0], (max(first_bound[0], again[0]), max(first_bound[1], again[1])), "")
         print(f"\none core, in-process ({args.size}px, {args.images} images, best of {args.repeats}); per core = "
               f"images per CPU second:")
         print(f"{'loader':44s} {'img/s':>8s} {'per core':>9s} {'x bound':>8s}")
