@@ -217,10 +217,15 @@ def test_batched_equals_single(mvtec_shards):
 
     from zsadx.data.loaders import EvalShards
 
+    from zsadx.data.transforms import normalise
+
     batch = next(iter(DataLoader(EvalShards(mvtec_shards, "mvtec-ad", ["bottle"], transform=EvalTransform(size=64)),
                                  batch_size=4)))
     m = method("winclip-tiny")
     m.prepare(["bottle"])
+    with pytest.raises(TypeError, match="uint8 images reached the model: normalise them first"):
+        m.predict(batch)  # the loader's uint8 pixels would score as 0..255 floats without an error
+    batch["image"] = normalise(batch["image"])
     whole = m.predict(batch)
     for i in range(4):
         one = m.predict({"image": batch["image"][i:i + 1], "cls": batch["cls"][i:i + 1]})

@@ -463,14 +463,24 @@ class ClipBackbone(nn.Module):
         return self._pos_cache[key]
 
     # ---- vision ---------------------------------------------------------------------------
+    def input_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float images in the backbone's dtype. Loaders yield uint8 pixels that the
+        evaluator and trainer normalise on the device; uint8 reaching the model would be cast to
+        0..255 floats and scored without an error, so it is refused here."""
+        if images.dtype == torch.uint8:
+            raise TypeError("uint8 images reached the model: normalise them first "
+                            "(zsadx.data.transforms.normalise(batch['image']))")
+        return images.to(self.dtype)
+
     def embed_image(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patchify, add CLS and positional embeddings, ln_pre: (B, 1 + N, D) and the grid."""
+        images = self.input_images(images)
         p = self.patch_size
         h, w = images.shape[-2:]
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         v = self.visual
-        x = v.conv1(images.to(self.dtype))
+        x = v.conv1(images)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)

@@ -219,7 +219,7 @@ class ACDCLIP(Method):
         images = batch["image"]
         b = images.shape[0]
         datasets = batch.get("dataset") or ["-"] * b
-        out = bb.encode_image(images.to(bb.dtype), layers=self.image_blocks, hooks=[self.vision_hook])
+        out = bb.encode_image(images, layers=self.image_blocks, hooks=[self.vision_hook])
         patches = [out.layers[l][:, 1:].float() for l in self.image_blocks]
         seg = [h(p) for h, p in zip(self.seg_heads, patches)]                   # (B, N, E) each
         det = [h(p).mean(1) for h, p in zip(self.det_heads, patches)]           # (B, E) each, not re-normalised

@@ -123,7 +123,7 @@ class AdaCLIP(Method):
 
     def _run(self, images: torch.Tensor, classes: Sequence[str]) -> dict:
         cfg, bb = self.cfg, self.backbone
-        images = images.to(bb.dtype)
+        images = bb.input_images(images)
         with torch.no_grad():
             e = bb.encode_image(images).pooled.float()                          # un-prompted CLIP embedding
         out = bb.encode_image(images, layers=self.layers, hooks=[self.visual_prompts],

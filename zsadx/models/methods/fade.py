@@ -153,7 +153,7 @@ class FADE(Method):
         if self.cfg.shots and references:
             with torch.inference_mode():
                 for c, refs in references.items():
-                    feats = self.features(refs.to(self.backbone.dtype), self.cfg.segmentation_img_sizes)
+                    feats = self.features(self.backbone.input_images(refs), self.cfg.segmentation_img_sizes)
                     key = "gem" if self.cfg.vision_feature == "gem" else "clip"
                     self.memory[c] = {s: feats[s][key].flatten(0, 1) for s in self.cfg.segmentation_img_sizes}
 
@@ -203,7 +203,7 @@ class FADE(Method):
     @torch.inference_mode()
     def predict(self, batch) -> Prediction:
         cfg = self.cfg
-        images = batch["image"].to(self.backbone.dtype)
+        images = self.backbone.input_images(batch["image"])
         sizes = list(cfg.segmentation_img_sizes) + [cfg.classification_img_size]
         feats = self.features(images, sizes)
         biggest = max(cfg.segmentation_img_sizes)

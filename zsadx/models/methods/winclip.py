@@ -125,7 +125,7 @@ class WinCLIP(Method):
         if self.cfg.shots and references:
             with torch.inference_mode():
                 for c, refs in references.items():
-                    _, patches, wins, _ = self.features(refs.to(self.backbone.dtype))
+                    _, patches, wins, _ = self.features(self.backbone.input_images(refs))
                     self.memory[c] = [F.normalize(patches.flatten(0, 1).float(), dim=-1)] + \
                                      [F.normalize(w.flatten(0, 1).float(), dim=-1) for w in wins]
 
@@ -139,7 +139,7 @@ class WinCLIP(Method):
 
     @torch.inference_mode()
     def predict(self, batch) -> Prediction:
-        images = batch["image"].to(self.backbone.dtype)
+        images = self.backbone.input_images(batch["image"])
         image_emb, patches, wins, grid = self.features(images)
         text = torch.stack([self._class_text(p) for p in self._phrases(batch)]).to(images.device)
         n = grid[0] * grid[1]
