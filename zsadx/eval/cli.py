@@ -9,7 +9,7 @@ import math
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a method on a dataset's eval shards")
     p.add_argument("--method", required=True, help="method config, e.g. methods/clip-tiny")
-    p.add_argument("--shards", required=True, help="folder with index.json")
+    p.add_argument("--shards", required=True, help="shard folder (with index.json), or an http(s):// or pipe: root")
     p.add_argument("--dataset", required=True)
     p.add_argument("--classes", nargs="*", default=None)
     p.add_argument("--checkpoint", default=None)
