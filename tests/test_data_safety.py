@@ -325,6 +325,26 @@ def test_two_shard_processes_at_once_leave_a_consistent_index(tmp_path, capsys):
     assert _listed(index) == set(_tars(s))
 
 
+def test_a_starting_writers_ownership_marker_in_flight_is_left_alone(tmp_path):
+    """The marker is written before the lock is taken: the lock holder's clean-up must not remove the
+    temp file of a writer that is starting (the race behind a rare 'No such file' in the test above);
+    that of a writer that died is removed."""
+    from zsadx.data.shards import remove_stale_temps
+    from zsadx.files import OWNER_FILE
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    s = tmp_path / "S"
+    (s / "_progress").mkdir(parents=True)
+    live_temp = s / f".{OWNER_FILE}.tmp-{os.getpid()}-0badc0de"
+    dead_temp = s / f".{OWNER_FILE}.tmp-{dead}-0badc0de"
+    tar_temp = s / f".visa-a-test-00000.tar.tmp-{os.getpid()}-0badc0de"  # tars are written under the lock only
+    for p in (live_temp, dead_temp, tar_temp):
+        p.write_text("{}")
+    assert sorted(remove_stale_temps(s)) == sorted([dead_temp, tar_temp])
+    assert live_temp.is_file()
+
+
 def test_only_tars_zsadx_listed_are_deleted(tmp_path, capsys):
     s = tmp_path / "S"
     assert shard_cli(capsys, _converted(tmp_path, capsys, "kvasir"), s)[0] == 0

@@ -45,6 +45,24 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and ".tmp-" in name
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def temp_writer_alive(name: str) -> bool:
+    """Whether the process that named a :func:`temp_path` file still runs (on this host): its temp
+    file may be in flight. Names that carry no pid count as dead."""
+    pid = name.rpartition(".tmp-")[2].split("-")[0]
+    return pid.isdigit() and pid_alive(int(pid))
+
+
 def disk_full(exc: BaseException, path: str | os.PathLike) -> Optional[DiskFullError]:
     """The one-line error for an OSError that means 'no space left', else None."""
     if isinstance(exc, OSError) and exc.errno in _NO_SPACE:

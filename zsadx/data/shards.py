@@ -54,8 +54,8 @@ from PIL import Image
 from zsadx.data.records import Record, mask_threshold_of, read_manifest
 from zsadx.data.transforms import ImageError, load_image, nearest_mask, resize_image, soft_mask, to_rgb8
 from zsadx.errors import UnsafePathError, UserError
-from zsadx.files import (FolderLock, atomic_write_json, atomic_write_text, is_temp_name, mark_owned, owner_kind,
-                         resolve_within, safe_component, temp_path)
+from zsadx.files import (OWNER_FILE, FolderLock, atomic_write_json, atomic_write_text, is_temp_name, mark_owned,
+                         owner_kind, resolve_within, safe_component, temp_path, temp_writer_alive)
 
 log = logging.getLogger(__name__)
 
@@ -395,12 +395,16 @@ def remove_stale_temps(out: Path) -> list[Path]:
     """Remove temp files of killed runs (called with the lock held: no live writer owns them).
 
     Only names zsadx gives its temp files are removed: ``.<name>.tmp-<pid>-<id>`` tars, markers and
-    indexes, and the ``<group>-NNNNN.tar.tmp`` / ``*.json.tmp`` names of older versions.
+    indexes, and the ``<group>-NNNNN.tar.tmp`` / ``*.json.tmp`` names of older versions. The
+    ownership marker is written before the lock is taken, so its temp file may belong to a writer
+    that is just starting: that one is left while its process runs.
     """
     removed = []
     for folder in (out, out / PROGRESS):
         for p in folder.iterdir():
             ours = is_temp_name(p.name) and (".tar.tmp-" in p.name or ".json.tmp-" in p.name)
+            if ours and p.name.startswith(f".{OWNER_FILE}.tmp-") and temp_writer_alive(p.name):
+                continue
             legacy = _LEGACY_TEMP.fullmatch(p.name) or (folder.name == PROGRESS and p.name.endswith(".json.tmp"))
             if p.is_file() and (ours or legacy):
                 p.unlink(missing_ok=True)

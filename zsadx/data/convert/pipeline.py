@@ -36,7 +36,7 @@ from zsadx.data.convert.prepared import IndexFileError, PreparedIndex, open_inde
 from zsadx.data.records import MANIFEST, SUMMARY, Record, file_sha1, mask_threshold_of, write_manifest
 from zsadx.data.transforms import ImageError, load_image
 from zsadx.errors import UserError
-from zsadx.files import FolderLock, is_temp_name, mark_owned, owner_kind, temp_path
+from zsadx.files import FolderLock, is_temp_name, mark_owned, owner_kind, pid_alive, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +96,13 @@ def remove_stale_temps(out: Path) -> list[Path]:
     legacy = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
     for p in out.parent.iterdir():
         m = legacy.fullmatch(p.name)
-        if (m and p.is_dir() and not _pid_alive(int(m.group(2)))
+        if (m and p.is_dir() and not pid_alive(int(m.group(2)))
                 and {c.name for c in p.iterdir()} <= set(OWN_ENTRIES)):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     for p in removed:
         log.info("removed the temporary folder of an interrupted conversion: %s", p)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def install(tmp: Path, out: Path) -> None:
