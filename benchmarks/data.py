@@ -27,6 +27,7 @@ import io
 import resource
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from zsadx.data import loaders
 from zsadx.data.loaders import EvalShards, collate
 from zsadx.data.records import Record, write_manifest
 from zsadx.data.shards import iter_tar, select_shards, write_shards
@@ -64,7 +66,9 @@ class FloatInWorkers(EvalTransform):
     """The loader before issue 19: each sample normalised to float32 where it is decoded."""
 
     def pixels(self, im):
-        return self.image(im if isinstance(im, Image.Image) else Image.fromarray(im))
+        if not isinstance(im, Image.Image):  # uint8 (3, H, W) pixels
+            im = Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), "RGB")
+        return self.image(im)
 
 
 def make_set(folder: Path, n: int, native: int) -> list[Record]:
@@ -118,13 +122,28 @@ def worker_startup_cpu(workers: int, repeats: int = 3) -> float:
     return (cpu_seconds() - cpu) / repeats
 
 
-def decode_bound(root: Path, repeats: int) -> float:
-    pngs = [s["img.png"] for r in select_shards(root) for s in iter_tar(r.path)]
+@contextmanager
+def png_decoder(spng: bool):
+    """The loaders' PNG decoder for a measurement: libspng (when installed) or Pillow. Set before
+    DataLoader workers fork, so they inherit it."""
+    saved = loaders._spng
+    loaders._spng = saved if spng else None
+    try:
+        yield
+    finally:
+        loaders._spng = saved
+
+
+def decode_bound(root: Path, repeats: int, spng: bool = False) -> float:
+    pngs = [bytes(s["img.png"]) for r in select_shards(root) for s in iter_tar(r.path)]
 
     def decode_all():
         for data in pngs:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
+            if spng:
+                loaders._spng.load(data)
+            else:
+                with Image.open(io.BytesIO(data)) as im:
+                    im.load()
             yield {"image": torch.empty(1)}
     return best_rate(decode_all, repeats)
 
@@ -176,13 +195,21 @@ def main(argv: list[str] | None = None) -> None:
             sizes[fmt] = index["bytes"] / args.images / 1e3
             print(f"sharded {fmt:4s} in {time.perf_counter() - t0:5.1f}s: {sizes[fmt]:6.0f} KB/image")
         t = EvalTransform(size=args.size)
+        spng = loaders._spng is not None
         first_bound = decode_bound(tmp / "shards-png", args.repeats)
         rows = [("decode bound: PIL decode of the PNG bytes", first_bound, "")]
+        if spng:
+            rows.append(("libspng decode of the PNG bytes", decode_bound(tmp / "shards-png", args.repeats, True), ""))
         for fmt in FORMATS:
-            rows.append((f"shards {fmt} (uint8)", best_rate(in_process(tmp / f"shards-{fmt}", t), args.repeats),
-                         f"{sizes[fmt]:.0f} KB/img"))
-        rows.append(("shards png, float in workers (before)",
-                     best_rate(in_process(tmp / "shards-png", FloatInWorkers(size=args.size)), args.repeats), ""))
+            rows.append((f"shards {fmt} (uint8)" + (" libspng" if fmt == "png" and spng else ""),
+                         best_rate(in_process(tmp / f"shards-{fmt}", t), args.repeats), f"{sizes[fmt]:.0f} KB/img"))
+            if fmt == "png" and spng:
+                with png_decoder(False):
+                    rows.append(("shards png (uint8) Pillow", best_rate(in_process(tmp / "shards-png", t), args.repeats),
+                                 f"{sizes[fmt]:.0f} KB/img"))
+        with png_decoder(False):
+            rows.append(("shards png, float in workers (before)",
+                         best_rate(in_process(tmp / "shards-png", FloatInWorkers(size=args.size)), args.repeats), ""))
         folder = FolderLoader(recs, args.size)
         rows.append(("folder of PNG (seed-style)",
                      best_rate(lambda: ({"image": folder[i]["image"][None]} for i in range(len(folder))),
@@ -202,14 +229,20 @@ def main(argv: list[str] | None = None) -> None:
         startup = worker_startup_cpu(w)
         print(f"\nthrough a DataLoader, {w} workers, batch 16 (per core: images per CPU second of the workers and "
               f"the main process, without the {startup * 1e3:.0f} CPU-ms a pass spends starting its workers):")
-        loaders = {f"shards {fmt}": (lambda fmt=fmt: DataLoader(EvalShards(tmp / f"shards-{fmt}", transform=t),
-                                                                batch_size=16, num_workers=w)) for fmt in FORMATS}
-        loaders["shards png, float in workers (before)"] = lambda: DataLoader(
-            EvalShards(tmp / "shards-png", transform=FloatInWorkers(size=args.size)), batch_size=16, num_workers=w)
-        loaders["folder of PNG (seed-style)"] = lambda: DataLoader(folder, batch_size=16, num_workers=w)
+        def shard_loader(fmt: str, transform: EvalTransform):
+            return lambda: DataLoader(EvalShards(tmp / f"shards-{fmt}", transform=transform), batch_size=16,
+                                      num_workers=w)
+
+        runs = [(f"shards {fmt}" + (" libspng" if fmt == "png" and spng else ""), shard_loader(fmt, t), True)
+                for fmt in FORMATS]
+        if spng:
+            runs.insert(1, ("shards png Pillow", shard_loader("png", t), False))
+        runs += [("shards png, float in workers (before)", shard_loader("png", FloatInWorkers(size=args.size)), False),
+                 ("folder of PNG (seed-style)", lambda: DataLoader(folder, batch_size=16, num_workers=w), False)]
         print(f"{'loader':44s} {'img/s':>8s} {'per core':>9s}")
-        for name, make in loaders.items():
-            wall, core = best_rate(make, args.repeats, startup)
+        for name, make, with_spng in runs:
+            with png_decoder(with_spng):
+                wall, core = best_rate(make, args.repeats, startup)
             print(f"{name:44s} {wall:8.1f} {core:9.1f}")
 
         print("\nper batch of 16 (collate in the worker; pin_memory needs CUDA):")

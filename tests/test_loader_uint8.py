@@ -169,3 +169,30 @@ def test_data_benchmark_prints_every_format_beside_the_bound(capsys):
     for row in ("decode bound", "shards png (uint8)", "shards webp (uint8)", "shards jpg (uint8)",
                 "shards raw (uint8)", "float in workers (before)", "folder of PNG", "collate"):
         assert row in printed, row
+
+
+# --- libspng (`zsadx[fast-png]`): the faster PNG decoder gives Pillow's pixels ---------------------
+
+def test_libspng_and_pillow_decode_the_same_pixels_and_masks(png_and_raw, monkeypatch):
+    from zsadx.data import loaders
+
+    if loaders._spng is None:
+        pytest.skip("pyspng is not installed (pip install zsadx[fast-png])")
+    t = EvalTransform(size=SIZE)
+    fast = {ds: batches(png_and_raw[0], ds, t) for ds in DATASETS}
+    monkeypatch.setattr(loaders, "_spng", None)
+    for ds, pillow in ((ds, batches(png_and_raw[0], ds, t)) for ds in DATASETS):
+        assert len(pillow) == len(fast[ds]) > 0
+        for x, y in zip(fast[ds], pillow):
+            assert x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
+
+
+def test_a_corrupt_png_is_a_corrupt_sample_with_either_decoder(png_and_raw, monkeypatch):
+    from zsadx.data import loaders
+
+    sample = dict(next(s for r in select_shards(png_and_raw[0], "kvasir") for s in iter_tar(r.path)))
+    sample["img.png"] = bytes(sample["img.png"])[:200]  # cut off: a truncated download
+    for decoder in (loaders._spng, None):
+        monkeypatch.setattr(loaders, "_spng", decoder)
+        with pytest.raises(ShardError, match=f"s.tar: corrupt sample '{sample['__key__']}'"):
+            decode_sample(sample, EvalTransform(size=SIZE), "s.tar")

@@ -68,11 +68,33 @@ def decode_sample(sample: dict[str, bytes], transform: EvalTransform, shard: str
             "has_mask": bool(meta["has_mask"])}
 
 
+try:  # libspng decodes PNG ~1.5x faster than Pillow's libpng path (`pip install zsadx[fast-png]`)
+    import pyspng as _spng
+except ImportError:  # pragma: no cover - optional
+    _spng = None
+
+
+def _png_pixels(data: bytes) -> Optional[np.ndarray]:
+    """uint8 (3, H, W) pixels of an 8-bit RGB PNG through libspng, or None (not installed, another
+    pixel format): the caller then decodes with Pillow. PNG is lossless, so both give the same pixels."""
+    if _spng is None:
+        return None
+    arr = _spng.load(data if isinstance(data, bytes) else bytes(data))  # its binding takes bytes only
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        return None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
 def _image(sample: dict[str, bytes]) -> Image.Image | np.ndarray:
-    """The sample's image: uint8 (3, H, W) pixels from a raw member, else the decoded PIL image."""
+    """The sample's image: uint8 (3, H, W) pixels from a raw member or an RGB PNG (libspng, when
+    installed), else the decoded PIL image."""
     if "img.npy" in sample:
         return decode_raw(sample["img.npy"], 3)
     ext = next(k for k in sample if k.startswith("img."))
+    if ext == "img.png":
+        pixels = _png_pixels(sample[ext])
+        if pixels is not None:
+            return pixels
     with Image.open(io.BytesIO(sample[ext])) as im:
         im.load()
     return im
