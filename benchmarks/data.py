@@ -66,8 +66,6 @@ class FloatInWorkers(EvalTransform):
     """The loader before issue 19: each sample normalised to float32 where it is decoded."""
 
     def pixels(self, im):
-        if not isinstance(im, Image.Image):  # uint8 (3, H, W) pixels
-            im = Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), "RGB")
         return self.image(im)
 
 

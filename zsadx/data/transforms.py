@@ -128,6 +128,13 @@ def normalise(images: torch.Tensor, mean: tuple[float, float, float] = OPENAI_ME
     return (images.float() / 255.0 - m) / s
 
 
+def _as_image(im: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL image of uint8 (3, H, W) pixels (raw members, PNGs decoded by libspng); PIL images as given."""
+    if isinstance(im, np.ndarray):
+        return Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), "RGB")
+    return im
+
+
 @dataclass
 class EvalTransform:
     """PIL image (+ mask) -> uint8 pixels (3, S, S) (loaders) or a normalised float tensor (3, S, S)
@@ -143,18 +150,16 @@ class EvalTransform:
         """The image resized to S x S as uint8 (3, S, S), not normalised: what the loaders yield
         (:func:`normalise` runs on the device). ``im``: a PIL image, or uint8 (3, H, W) pixels (a raw
         shard member; taken as they are, without a copy, when already S x S)."""
-        if isinstance(im, np.ndarray):
-            if im.shape[1:] == (self.size, self.size):
-                return torch.from_numpy(im)
-            im = Image.fromarray(np.ascontiguousarray(im.transpose(1, 2, 0)), "RGB")
-        arr = np.asarray(resize_image(im, self.size))
+        if isinstance(im, np.ndarray) and im.shape[1:] == (self.size, self.size):
+            return torch.from_numpy(im)
+        arr = np.asarray(resize_image(_as_image(im), self.size))
         # One copy that also turns HWC into CHW: the batch stack is then a plain memcpy.
         return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
-    def image(self, im: Image.Image) -> torch.Tensor:
+    def image(self, im: Image.Image | np.ndarray) -> torch.Tensor:
         """Normalised float (3, S, S), computed on the CPU (``zsadx predict``); equal to
-        ``normalise(self.pixels(im))`` to float rounding."""
-        arr = np.asarray(resize_image(im, self.size), dtype=np.float32) / 255.0
+        ``normalise(self.pixels(im))`` to float rounding. ``im`` as for :meth:`pixels`."""
+        arr = np.asarray(resize_image(_as_image(im), self.size), dtype=np.float32) / 255.0
         t = torch.from_numpy(arr).permute(2, 0, 1)
         mean = torch.tensor(self.mean).view(3, 1, 1)
         std = torch.tensor(self.std).view(3, 1, 1)
