@@ -56,15 +56,15 @@ class Cell:
 
 def grid_cells(grid_dir: str | Path) -> list[Cell]:
     """The evaluation cells with a marker under a grid's output folder."""
-    from zsadx.eval.tables import parse_cell_id
+    from zsadx.eval.tables import parse_cell_id, read_json
 
     root = Path(grid_dir)
     if not root.is_dir():
         raise FigureError(f"{root}: no such grid output folder (give the grid's out_dir, or its config grids/NAME)")
     cells = []
     for marker in sorted(root.rglob("cell.json")):
+        data = read_json(marker)
         try:
-            data = json.loads(marker.read_text())
             parsed = parse_cell_id(data["id"])
         except (ValueError, KeyError, TypeError):
             continue  # a train cell, or a marker being written: not a column

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import math
 import os
 import tempfile
@@ -57,14 +56,6 @@ class CellInfo:
     logs: list[tuple[str, Path]] = field(default_factory=list)   # (label, file)
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _read_text(path: Path) -> Optional[str]:
     try:
         return Path(path).read_text()
@@ -80,20 +71,20 @@ def _eval_config_and_code(marker: dict, folder: Path) -> tuple[Optional[str], Op
     result = Path(marker["result"])
     if not result.resolve().is_relative_to(folder.resolve()):
         return None, None
-    res = _read_json(result) or {}
+    res = tables.read_json(result) or {}
     return _read_text(result.with_name(result.stem + ".config.yaml")), res.get("code_version")
 
 
 def _train_config_and_code(folder: Path) -> tuple[Optional[str], Optional[str]]:
     """A training cell's ``train.yaml`` and the code version its run recorded in ``run/run.json``."""
-    run = _read_json(folder / "run" / "run.json") or {}
+    run = tables.read_json(folder / "run" / "run.json") or {}
     return _read_text(folder / "train.yaml"), run.get("code_version")
 
 
 def cell_info(marker_file: Path) -> CellInfo:
     """One cell from its marker; a marker that cannot be read is a cell with status 'unreadable'."""
     folder = marker_file.parent
-    marker = _read_json(marker_file)
+    marker = tables.read_json(marker_file)
     if marker is None:
         return CellInfo(str(folder), "unreadable", error=f"{marker_file}: not a JSON object")
     cell_id = str(marker.get("id") or folder)

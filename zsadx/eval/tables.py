@@ -68,14 +68,16 @@ def parse_cell_id(cell_id: str) -> Optional[tuple[str, str, str, int, int]]:
     return parts[1], parts[2], parts[3], seed, shots
 
 
-def _read_json(path: Path, what: str) -> Optional[dict]:
-    """A JSON object, or None with a warning naming the file: one cut-off marker (a killed job, a full
-    disk) leaves that cell out of the table instead of failing the whole table."""
+def read_json(path: Path, what: Optional[str] = None) -> Optional[dict]:
+    """A JSON object, or None (with a warning naming the file when ``what`` says what it is): one
+    cut-off marker (a killed job, a full disk) leaves that cell out instead of failing a whole table,
+    figure or report."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        log.warning("%s %s is unreadable (%s): left out; `zsadx grid status` shows the cell", what, path,
-                    type(exc).__name__)
+        if what:
+            log.warning("%s %s is unreadable (%s): left out; `zsadx grid status` shows the cell", what, path,
+                        type(exc).__name__)
         return None
     return data if isinstance(data, dict) else None
 
@@ -87,14 +89,14 @@ def collect(root: str | Path) -> list[Record]:
     markers = sorted(root.rglob("cell.json"))
     if markers:
         for m in markers:
-            data = _read_json(m, "cell marker")
+            data = read_json(m, "cell marker")
             if not data or data.get("status") != "done" or not data.get("result"):
                 continue
             cell = parse_cell_id(str(data.get("id", "")))
             if cell is None:
                 continue
             method, train_set, dataset, seed, shots = cell
-            res = _read_json(Path(data["result"]), f"results file of cell {data['id']}")
+            res = read_json(Path(data["result"]), f"results file of cell {data['id']}")
             if not res or "mean" not in res:
                 continue
             records.append(Record(method, train_set, dataset, res.get("domain", "industrial"), seed, shots,
