@@ -260,3 +260,40 @@ def test_regions_are_labelled_within_each_masks_box_as_on_the_whole_image():
         n += k
     assert np.array_equal(ids, np.concatenate(want_ids)) and np.array_equal(sizes, np.concatenate(want_sizes))
     assert ids.size == masks.sum() and sizes.sum() == masks.sum()
+
+
+@pytest.mark.parametrize("reserve", [8, 1 << 50])  # outgrown at once / more address space than exists
+def test_score_buffer_grows_past_its_reservation_or_without_one(monkeypatch, reserve):
+    # The pixel scores go into one reserved buffer; past the reservation, or where the reservation
+    # itself fails (address space capped), the buffer still grows and every score is kept once.
+    from zsadx.eval import metrics
+
+    monkeypatch.setattr(metrics._GrowingScores, "RESERVE", reserve)
+    rng = np.random.default_rng(9)
+    masks, maps = random_class(rng, n_img=12, size=20)
+    labels = masks.reshape(12, -1).any(1)
+    scores = maps.reshape(12, -1).max(1)
+    acc = ClassMetrics("grow")
+    for lo in range(0, 12, 2):
+        acc.add(scores[lo:lo + 2], labels[lo:lo + 2], maps[lo:lo + 2], masks[lo:lo + 2])
+        if lo == 4:
+            st = acc.state()  # a view lent out mid-run: later growth must copy, not move it
+    (kept,) = acc.state()["_all"]
+    assert np.array_equal(kept, maps[:, :, :].reshape(-1))
+    assert np.array_equal(st["_all"][0], maps[:6].reshape(-1))
+    m = acc.compute()
+    assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), rel=1e-12)
+    assert m["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), rel=1e-12)
+
+
+def test_finite_check_tells_overflowing_sums_from_nan_and_inf():
+    # Maps are checked through their float32 sum: huge finite scores overflow it to inf and must
+    # still pass; a single NaN or inf anywhere must not.
+    big = np.full((1, 4, 4), 3e38, np.float32)
+    acc = ClassMetrics("big")
+    acc.add([0.1], [0], big, np.zeros((1, 4, 4), bool))
+    for bad in (np.nan, np.inf, -np.inf):
+        maps = big.copy()
+        maps[0, 3, 2] = bad
+        with pytest.raises(MetricInputError, match="anomaly maps hold NaN or inf"):
+            acc.add([0.1], [0], maps, np.zeros((1, 4, 4), bool))
