@@ -3,11 +3,14 @@ loader as it was (float normalisation in the workers) and a seed-style folder-of
 
 One run prints all of it (issue 19 goal 3):
 
-* ``decode bound``: PIL decoding the shards' own PNG bytes in a loop (no tar, no tensors) -- what a
-  PNG loader cannot beat on one core;
+* ``decode bound``: PIL (and libspng, when installed) decoding PNG bytes in a loop (no tar, no
+  tensors) -- what a PNG loader cannot beat on one core -- for the shards' own PNGs
+  (:mod:`zsadx.data.png`: filter Up, zlib RLE) and for the same images as Pillow writes them
+  (level 1, adaptive filters: the usual PNG, and zsadx's shards before);
 * ``shards <fmt>``: :class:`EvalShards` in this process (one core: tar reading, decoding, the uint8
   tensor, the mask), for png, webp (lossless), jpg (lossy) and raw (uncompressed uint8);
-* ``shards png, float in workers (before)``: the same, with the old per-sample float32 normalisation;
+* ``shards png Pillow-written (before)``: the loader on shards whose PNGs Pillow wrote;
+* ``shards png, float in workers (before before)``: that, with the old per-sample float32 normalisation;
 * ``folder of PNG (seed-style)``: what the seeds' datasets do per item -- decode the native-size PNG,
   resize bicubically to 518, ToTensor + normalise, mask open + resize;
 * the same through a torch DataLoader with ``--workers`` workers (total and per worker), and what a
@@ -35,7 +38,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from zsadx.data import loaders
+from zsadx.data import loaders, shards
 from zsadx.data.loaders import EvalShards, collate
 from zsadx.data.records import Record, write_manifest
 from zsadx.data.shards import iter_tar, select_shards, write_shards
@@ -132,9 +135,32 @@ def png_decoder(spng: bool):
         loaders._spng = saved
 
 
-def decode_bound(root: Path, repeats: int, spng: bool = False) -> float:
-    pngs = [bytes(s["img.png"]) for r in select_shards(root) for s in iter_tar(r.path)]
+def pillow_written(data: bytes) -> bytes:
+    """The same image as Pillow writes a PNG (level 1, its adaptive filters): the usual PNG, and
+    zsadx's shards before ``zsadx.data.png``."""
+    with Image.open(io.BytesIO(data)) as im:
+        buf = io.BytesIO()
+        im.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
 
+
+@contextmanager
+def pillow_written_shards():
+    """Shards written with Pillow's PNG encoder, as before ``zsadx.data.png`` (images and masks)."""
+    saved = shards.encode_png
+
+    def encode(pixels: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG", compress_level=1 if pixels.ndim == 3 else 6)
+        return buf.getvalue()
+    shards.encode_png = encode
+    try:
+        yield
+    finally:
+        shards.encode_png = saved
+
+
+def decode_bound(pngs: list[bytes], repeats: int, spng: bool = False) -> tuple[float, float]:
     def decode_all():
         for data in pngs:
             if spng:
@@ -192,12 +218,22 @@ def main(argv: list[str] | None = None) -> None:
                                  progress=False)
             sizes[fmt] = index["bytes"] / args.images / 1e3
             print(f"sharded {fmt:4s} in {time.perf_counter() - t0:5.1f}s: {sizes[fmt]:6.0f} KB/image")
+        with pillow_written_shards():
+            write_shards(tmp / "manifest.jsonl", tmp / "shards-png-pillow", size=args.size, fmt="png",
+                         workers=args.workers, progress=False)
         t = EvalTransform(size=args.size)
         spng = loaders._spng is not None
-        first_bound = decode_bound(tmp / "shards-png", args.repeats)
-        rows = [("decode bound: PIL decode of the PNG bytes", first_bound, "")]
+        ours = [bytes(s["img.png"]) for r in select_shards(tmp / "shards-png") for s in iter_tar(r.path)]
+        usual = [pillow_written(data) for data in ours]
+        print(f"PNG bytes per image: zsadx (filter Up, zlib RLE) {sum(map(len, ours)) / len(ours) / 1e3:.0f} KB, "
+              f"Pillow-written (level 1, adaptive filters) {sum(map(len, usual)) / len(usual) / 1e3:.0f} KB")
+        bounds = [("decode bound: PIL, Pillow-written PNG", usual, False),
+                  ("decode bound: PIL, zsadx PNG", ours, False)]
         if spng:
-            rows.append(("libspng decode of the PNG bytes", decode_bound(tmp / "shards-png", args.repeats, True), ""))
+            bounds += [("decode bound: libspng, Pillow-written PNG", usual, True),
+                       ("decode bound: libspng, zsadx PNG", ours, True)]
+        first_bounds = [decode_bound(pngs, args.repeats, dec) for _, pngs, dec in bounds]
+        rows = [(name, b, "") for (name, _, _), b in zip(bounds, first_bounds)]
         for fmt in FORMATS:
             rows.append((f"shards {fmt} (uint8)" + (" libspng" if fmt == "png" and spng else ""),
                          best_rate(in_process(tmp / f"shards-{fmt}", t), args.repeats), f"{sizes[fmt]:.0f} KB/img"))
@@ -205,20 +241,24 @@ def main(argv: list[str] | None = None) -> None:
                 with png_decoder(False):
                     rows.append(("shards png (uint8) Pillow", best_rate(in_process(tmp / "shards-png", t), args.repeats),
                                  f"{sizes[fmt]:.0f} KB/img"))
+            if fmt == "png":
+                rows.append(("shards png Pillow-written (before)" + (" libspng" if spng else ""),
+                             best_rate(in_process(tmp / "shards-png-pillow", t), args.repeats), ""))
         with png_decoder(False):
-            rows.append(("shards png, float in workers (before)",
-                         best_rate(in_process(tmp / "shards-png", FloatInWorkers(size=args.size)), args.repeats), ""))
+            rows.append(("shards png, float in workers (before before)",
+                         best_rate(in_process(tmp / "shards-png-pillow", FloatInWorkers(size=args.size)), args.repeats), ""))
         folder = FolderLoader(recs, args.size)
         rows.append(("folder of PNG (seed-style)",
                      best_rate(lambda: ({"image": folder[i]["image"][None]} for i in range(len(folder))),
                                args.repeats), f"{args.native}px PNG"))
         # Measured again after the loaders, the best of both: a busy moment during one pass would
-        # otherwise lower the bound the loaders are compared with.
-        again = decode_bound(tmp / "shards-png", args.repeats)
-        rows[0] = (rows[0][0], (max(first_bound[0], again[0]), max(first_bound[1], again[1])), "")
+        # otherwise lower the bounds the loaders are compared with.
+        for i, ((name, pngs, dec), first) in enumerate(zip(bounds, first_bounds)):
+            again = decode_bound(pngs, args.repeats, dec)
+            rows[i] = (name, (max(first[0], again[0]), max(first[1], again[1])), "")
         print(f"\none core, in-process ({args.size}px, {args.images} images, best of {args.repeats}); per core = "
               f"images per CPU second:")
-        print(f"{'loader':44s} {'img/s':>8s} {'per core':>9s} {'x bound':>8s}")
+        print(f"{'loader':44s} {'img/s':>8s} {'per core':>9s} {'x bound':>8s}  (bound: PIL on the usual PNG)")
         bound = rows[0][1][1]
         for name, (wall, core), note in rows:
             print(f"{name:44s} {wall:8.1f} {core:9.1f} {core / bound:8.2f}  {note}")
@@ -233,9 +273,12 @@ def main(argv: list[str] | None = None) -> None:
 
         runs = [(f"shards {fmt}" + (" libspng" if fmt == "png" and spng else ""), shard_loader(fmt, t), True)
                 for fmt in FORMATS]
+        runs.insert(1, ("shards png Pillow-written (before)" + (" libspng" if spng else ""),
+                        shard_loader("png-pillow", t), True))
         if spng:
             runs.insert(1, ("shards png Pillow", shard_loader("png", t), False))
-        runs += [("shards png, float in workers (before)", shard_loader("png", FloatInWorkers(size=args.size)), False),
+        runs += [("shards png, float in workers (before before)",
+                  shard_loader("png-pillow", FloatInWorkers(size=args.size)), False),
                  ("folder of PNG (seed-style)", lambda: DataLoader(folder, batch_size=16, num_workers=w), False)]
         print(f"{'loader':44s} {'img/s':>8s} {'per core':>9s}")
         for name, make, with_spng in runs:

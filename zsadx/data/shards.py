@@ -9,7 +9,7 @@ On-disk format (``FORMAT_VERSION``):
   the model takes it) in NumPy's header + bytes layout: lossless, read without decoding), for anomalous images with masks ``{key}.mask.{png|npy}``
   (the binary mask resized bilinearly: 8-bit coverage, from which "bilinear then > 0.5" is exact) and
   ``{key}.maskn.{png|npy}`` (resized with nearest neighbour), and ``{key}.json`` (the manifest record's
-  metadata);
+  metadata); PNG members are written by :mod:`zsadx.data.png` (filter Up, zlib RLE: quick to decode);
 * ``index.json``: shards, sample counts per class and split, the grey level the group's masks were cut
   at (``mask_threshold``, None without masks), sizes, format version, and per dataset which classes
   the folder holds (``datasets``: classes, catalog_classes, missing_classes, subset).
@@ -51,6 +51,7 @@ from typing import IO, Iterator, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from zsadx.data.png import encode_png
 from zsadx.data.records import Record, mask_threshold_of, read_manifest
 from zsadx.data.transforms import ImageError, load_image, nearest_mask, resize_image, soft_mask, to_rgb8
 from zsadx.errors import UnsafePathError, UserError
@@ -133,7 +134,7 @@ def encode_sample(rec: Record, opts: EncodeOptions) -> dict[str, bytes]:
 def _encode_compressed(im: Image.Image, opts: EncodeOptions) -> bytes:
     buf = io.BytesIO()
     if opts.format == "png":
-        im.save(buf, "PNG", compress_level=1)
+        return encode_png(np.asarray(im))
     elif opts.format == "webp":
         im.save(buf, "WEBP", lossless=True, method=0)
     elif opts.format == "jpg":
@@ -148,9 +149,7 @@ def _encode_mask(name: str, mask: Image.Image, fmt: str) -> tuple[str, bytes]:
     much as the raw image copy); the others store PNG."""
     if fmt == "raw":
         return f"{name}.npy", encode_raw(np.asarray(mask))
-    b = io.BytesIO()
-    mask.save(b, "PNG", compress_level=6)
-    return f"{name}.png", b.getvalue()
+    return f"{name}.png", encode_png(np.asarray(mask if mask.mode == "L" else mask.convert("L")))
 
 
 # The raw members: NumPy's .npy layout (version 1.0 header + C-order bytes), uint8 only. Read back by
