@@ -10,7 +10,7 @@ One run prints all of it (issue 19 goal 3):
 * ``shards <fmt>``: :class:`EvalShards` in this process (one core: tar reading, decoding, the uint8
   tensor, the mask), for png, webp (lossless), jpg (lossy) and raw (uncompressed uint8);
 * ``shards png Pillow-written (before)``: the loader on shards whose PNGs Pillow wrote;
-* ``shards png, float in workers (before before)``: that, with the old per-sample float32 normalisation;
+* ``shards png, float in workers (before)``: that, with the per-sample float32 normalisation before it;
 * ``folder of PNG (seed-style)``: what the seeds' datasets do per item -- decode the native-size PNG,
   resize bicubically to 518, ToTensor + normalise, mask open + resize;
 * the same through a torch DataLoader with ``--workers`` workers (total and per worker), and what a
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(("shards png Pillow-written (before)" + (" libspng" if spng else ""),
                              best_rate(in_process(tmp / "shards-png-pillow", t), args.repeats), ""))
         with png_decoder(False):
-            rows.append(("shards png, float in workers (before before)",
+            rows.append(("shards png, float in workers (before)",
                          best_rate(in_process(tmp / "shards-png-pillow", FloatInWorkers(size=args.size)), args.repeats), ""))
         folder = FolderLoader(recs, args.size)
         rows.append(("folder of PNG (seed-style)",
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.insert(1, ("shards png Pillow", shard_loader("png", t), False))
         if w > 1:  # one worker has a core to itself: two decoding at once share the machine's caches
             runs.insert(1, ("shards png" + (" libspng" if spng else "") + ", 1 worker", shard_loader("png", t, 1), True))
-        runs += [("shards png, float in workers (before before)",
+        runs += [("shards png, float in workers (before)",
                   shard_loader("png-pillow", FloatInWorkers(size=args.size)), False),
                  ("folder of PNG (seed-style)",
                   lambda: DataLoader(ConcatDataset([folder] * args.passes), batch_size=16, num_workers=w), False)]

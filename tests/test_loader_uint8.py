@@ -173,12 +173,14 @@ def test_data_benchmark_prints_every_format_beside_the_bound(capsys):
 
 # --- libspng (`zsadx[fast-png]`): the faster PNG decoder gives Pillow's pixels ---------------------
 
-def test_libspng_and_pillow_decode_the_same_pixels_and_masks(png_and_raw, monkeypatch):
+@pytest.mark.parametrize("rule", ["bilinear", "nearest"])
+@pytest.mark.parametrize("mask_size", [None, SIZE // 2 + 1])   # the stored masks as they are, and resized
+def test_libspng_and_pillow_decode_the_same_pixels_and_masks(png_and_raw, monkeypatch, rule, mask_size):
     from zsadx.data import loaders
 
     if loaders._spng is None:
         pytest.skip("pyspng is not installed (pip install zsadx[fast-png])")
-    t = EvalTransform(size=SIZE)
+    t = EvalTransform(size=SIZE, mask_resize=rule, mask_size=mask_size)
     fast = {ds: batches(png_and_raw[0], ds, t) for ds in DATASETS}
     monkeypatch.setattr(loaders, "_spng", None)
     for ds, pillow in ((ds, batches(png_and_raw[0], ds, t)) for ds in DATASETS):
@@ -196,3 +198,17 @@ def test_a_corrupt_png_is_a_corrupt_sample_with_either_decoder(png_and_raw, monk
         monkeypatch.setattr(loaders, "_spng", decoder)
         with pytest.raises(ShardError, match=f"s.tar: corrupt sample '{sample['__key__']}'"):
             decode_sample(sample, EvalTransform(size=SIZE), "s.tar")
+
+
+def test_a_corrupt_mask_is_a_corrupt_sample_with_either_decoder(png_and_raw, monkeypatch):
+    from zsadx.data import loaders
+
+    sample = dict(next(s for r in select_shards(png_and_raw[0], "kvasir") for s in iter_tar(r.path)
+                       if "mask.png" in s))
+    for member in ("mask.png", "maskn.png"):
+        broken = {**sample, member: b"\x89PNG\r\n\x1a\n" + bytes(40)}  # a PNG signature, then nothing valid
+        rule = "bilinear" if member == "mask.png" else "nearest"
+        for decoder in (loaders._spng, None):
+            monkeypatch.setattr(loaders, "_spng", decoder)
+            with pytest.raises(ShardError, match=f"s.tar: corrupt sample '{sample['__key__']}'"):
+                decode_sample(broken, EvalTransform(size=SIZE, mask_resize=rule), "s.tar")
