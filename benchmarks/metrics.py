@@ -125,7 +125,11 @@ def run_zsadx(folder: str, device: str | None = None) -> dict:
         def put(x):
             return x
     clock = Clock()
-    acc = ClassMetrics("bench", device=device) if device else ClassMetrics("bench")  # older trees: no device
+    n, h, w = np.load(f"{folder}/maps.npy", mmap_mode="r").shape  # the header only
+    try:  # the pixel count, as the evaluator gives it from the index
+        acc = ClassMetrics("bench", device=device, expected_pixels=n * h * w)
+    except TypeError:  # an older zsadx tree (--zsadx-src): no size hint, perhaps no device
+        acc = ClassMetrics("bench", device=device) if device else ClassMetrics("bench")
     warm_up()
     for m, g, s, y in batches(folder):
         m = put(m)  # as the evaluator hands over the model's maps: already on the device

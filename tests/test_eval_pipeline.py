@@ -257,3 +257,25 @@ def test_the_eval_device_is_named_in_full_for_the_metrics_thread(monkeypatch):
     assert eval_device("auto") == torch.device("cuda", 3)
     assert eval_device("cuda") == torch.device("cuda", 3)
     assert eval_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_each_classes_pixel_state_is_sized_from_the_index_exactly(shards, tmp_path, monkeypatch):
+    """The evaluator allocates each class's pixel scores once, from the index's counts: when every
+    image has its pixel truth, the hint is exactly the pixels added (no growth, nothing spare)."""
+    from zsadx.eval.metrics import ClassMetrics
+
+    seen = {}
+    compute = ClassMetrics.compute
+
+    def spy(self):
+        seen[self.name] = (self.expected_pixels, self._all.size, self.pixel_excluded)
+        return compute(self)
+
+    monkeypatch.setattr(ClassMetrics, "compute", spy)
+    cfg = eval_cfg(shards, tmp_path / "out")
+    results = evaluate(cfg)
+    assert set(seen) == set(CLASSES)
+    side = cfg.method.eval_size or cfg.method.backbone.image_size
+    for cls, (hint, added, excluded) in seen.items():
+        assert excluded == 0 and added > 0
+        assert hint == added == sum(r["cls"] == cls for r in results["scores"]) * side * side

@@ -262,26 +262,25 @@ def test_regions_are_labelled_within_each_masks_box_as_on_the_whole_image():
     assert ids.size == masks.sum() and sizes.sum() == masks.sum()
 
 
-@pytest.mark.parametrize("reserve", [8, 1 << 50])  # outgrown at once / more address space than exists
-def test_score_buffer_grows_past_its_reservation_or_without_one(monkeypatch, reserve):
-    # The pixel scores go into one reserved buffer; past the reservation, or where the reservation
-    # itself fails (address space capped), the buffer still grows and every score is kept once.
-    from zsadx.eval import metrics
-
-    monkeypatch.setattr(metrics._GrowingScores, "RESERVE", reserve)
+@pytest.mark.parametrize("hint", [None, 0, 100, "exact", 10**7])  # none, too small, exact, far too big
+def test_score_buffer_sized_from_a_hint_or_grown_keeps_every_score_once(hint):
+    # The pixel scores go into one buffer, allocated from the caller's size hint (the evaluator's,
+    # from the index) or grown; a wrong hint costs growth or spare room, never a score.
     rng = np.random.default_rng(9)
     masks, maps = random_class(rng, n_img=12, size=20)
     labels = masks.reshape(12, -1).any(1)
     scores = maps.reshape(12, -1).max(1)
-    acc = ClassMetrics("grow")
+    kw = {} if hint is None else {"expected_pixels": maps.size if hint == "exact" else hint}
+    acc = ClassMetrics("grow", **kw)
     for lo in range(0, 12, 2):
         acc.add(scores[lo:lo + 2], labels[lo:lo + 2], maps[lo:lo + 2], masks[lo:lo + 2])
         if lo == 4:
             st = acc.state()  # a view lent out mid-run: later growth must copy, not move it
     (kept,) = acc.state()["_all"]
-    assert np.array_equal(kept, maps[:, :, :].reshape(-1))
+    assert np.array_equal(kept, maps.reshape(-1))
     assert np.array_equal(st["_all"][0], maps[:6].reshape(-1))
     m = acc.compute()
+    assert acc._all._buf.size == maps.size  # spare room given back before the sort
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), rel=1e-12)
     assert m["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), rel=1e-12)
 

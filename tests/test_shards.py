@@ -44,8 +44,11 @@ def eval_keys(root, world, workers, **sel):
     keys = []
     for rank in range(world):
         ds = EvalShards(root, transform=T, rank=rank, world_size=world, **sel)
-        got = [k for b in DataLoader(ds, batch_size=4, num_workers=workers) for k in b["key"]]
+        batches = list(DataLoader(ds, batch_size=4, num_workers=workers))
+        got = [k for b in batches for k in b["key"]]
         assert len(got) == ds.rank_count(rank, world)
+        # The per-class counts the evaluator sizes its metric state from, before reading anything.
+        assert ds.rank_class_counts(rank, world) == Counter(c for b in batches for c in b["cls"])
         keys += got
     return keys
 

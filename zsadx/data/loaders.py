@@ -150,6 +150,19 @@ class EvalShards(IterableDataset):
         lo, hi = self.total * r // w, self.total * (r + 1) // w
         return hi - lo
 
+    def rank_class_counts(self, rank: int | None = None, world_size: int | None = None) -> dict[str, int]:
+        """How many samples of each class this rank's slice holds (from the index: nothing is read)."""
+        r, w = dist_info(rank if rank is not None else self._rank, world_size or self._world)
+        lo, hi = self.total * r // w, self.total * (r + 1) // w
+        counts: dict[str, int] = {}
+        offset = 0
+        for shard in self.shards:
+            inside = min(hi, offset + shard.count) - max(lo, offset)
+            if inside > 0:
+                counts[shard.cls] = counts.get(shard.cls, 0) + inside
+            offset += shard.count
+        return counts
+
     def __iter__(self) -> Iterator[dict]:
         rank, world = dist_info(self._rank, self._world)
         wid, nw = worker()

@@ -233,8 +233,11 @@ def evaluate(cfg: EvalConfig) -> Optional[dict]:
                         pin_memory=device.type == "cuda")
     stem = results_stem(cfg)  # hashes the checkpoint: once
     state_device = metric_state_device(cfg, device)
-    sink = MetricSink(cfg, {c: ClassMetrics(c, pixel=has_masks, device=state_device) for c in classes}, has_masks,
-                      Path(cfg.out_dir) / "overlays" / stem, rank)
+    # Each class's pixel state is sized from the index up front (this rank's share of its images).
+    expected = ds.rank_class_counts() if has_masks else {}
+    sink = MetricSink(cfg, {c: ClassMetrics(c, pixel=has_masks, device=state_device,
+                                            expected_pixels=expected.get(c, 0) * eval_size * eval_size)
+                            for c in classes}, has_masks, Path(cfg.out_dir) / "overlays" / stem, rank)
     clock = StageClock()
     with progress_bar(cfg, ds.rank_count(), rank) as bar:
         sink.bar = bar

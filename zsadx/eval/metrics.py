@@ -148,8 +148,8 @@ class _NumpyOps:
     def cat(self, parts: list, dtype) -> np.ndarray:
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
-    def new_scores(self) -> "_GrowingScores":
-        return _GrowingScores()
+    def new_scores(self, expected: int = 0) -> "_GrowingScores":
+        return _GrowingScores(expected)
 
     def all_finite(self, x: np.ndarray) -> bool:
         # A float32 sum is NaN or inf iff a value is, or the sum overflows (then look closer):
@@ -227,7 +227,7 @@ class _TorchOps(_NumpyOps):
             return parts[0].to(self._dtype(dtype))
         return self.torch.cat(parts).to(self._dtype(dtype)) if parts else self.empty(0, dtype)
 
-    def new_scores(self) -> "_ScorePieces":
+    def new_scores(self, expected: int = 0) -> "_ScorePieces":
         return _ScorePieces(self)
 
     def all_finite(self, x) -> bool:
@@ -355,19 +355,18 @@ class _GrowingScores:
     """The host path's pixel scores: batches appended into one float32 buffer, so the final sort
     runs on it directly -- no list of pieces joined into a second buffer at the end.
 
-    The first batch reserves room for ``RESERVE`` scores (1 GiB of address space). Memory that is
-    reserved but never written costs no RAM (the kernel backs a page on first write), so a class
-    of any size up to that fills one buffer without ever being moved or zero-filled. Growing with
-    ``ndarray.resize`` instead zero-fills every new part before the batch is written over it, and
-    cost 0.13 s of 0.26 s when adding 53.7 M pixels (``benchmarks/metrics.py``). Beyond the
-    reservation, or where the address space is capped, the buffer grows with ``resize`` (remapped,
-    not copied)."""
+    ``expected`` (the pixels the caller will add, when it knows: the evaluator does, from the
+    index) is allocated up front, untouched: the kernel backs each page when a batch is first
+    written into it, so nothing is zero-filled or moved. Growing with ``ndarray.resize`` instead
+    zero-fills every new part before the batch is written over it, which cost 0.13 s of 0.26 s when
+    adding 53.7 M pixels (``benchmarks/metrics.py``). Without a size, or past it, the buffer grows
+    with ``resize`` (remapped, not copied). What is left over is given back before the sort."""
 
-    RESERVE = 1 << 28
-    GROWTH = 1.5
+    GROWTH = 1.125
 
-    def __init__(self):
+    def __init__(self, expected: int = 0):
         self._buf = np.empty(0, np.float32)
+        self._expected = max(int(expected), 0)
         self.size = 0
         self._lent = False   # a view went out (state()): never reallocate under it
 
@@ -379,13 +378,9 @@ class _GrowingScores:
         self.size = end
 
     def _reserve(self, capacity: int) -> None:
-        if self._buf.size == 0:
-            try:
-                self._buf = np.empty(max(capacity, self.RESERVE), np.float32)
-                return
-            except MemoryError:  # address space capped (ulimit -v, strict overcommit): exact size
-                pass
-        if self._lent or self._buf.size == 0:
+        if self._buf.size == 0 and self._expected >= capacity:
+            self._buf, self._lent = np.empty(self._expected, np.float32), False
+        elif self._lent or self._buf.size == 0:
             grown = np.empty(capacity, np.float32)
             grown[:self.size] = self._buf[:self.size]
             self._buf, self._lent = grown, False
@@ -455,12 +450,13 @@ class ClassMetrics:
     n_masks: int = 0
     pixel_excluded: int = 0                       # anomalous images without a mask: no pixel ground truth
     batches: int = 0
+    expected_pixels: int = field(default=0, compare=False)  # a size hint for the pixel state (0: unknown)
     _ops: _NumpyOps = field(init=False, repr=False, compare=False)
     _all: Any = field(init=False, repr=False, compare=False)  # float32 scores of every pixel with known truth
 
     def __post_init__(self) -> None:
         self._ops = _NUMPY if self.device is None else _TorchOps(self.device)
-        self._all = self._ops.new_scores()
+        self._all = self._ops.new_scores(self.expected_pixels)
 
     def add(self, image_scores, labels, maps=None, masks=None, batch: int | str | None = None,
             has_mask=None) -> None:
