@@ -48,3 +48,15 @@ def test_rows_are_filtered_up_and_deflated_as_run_lengths():
 def test_anything_else_is_refused(bad):
     with pytest.raises(ValueError, match="encode_png takes uint8"):
         encode_png(bad)
+
+
+def test_a_long_deflate_stream_is_split_over_several_idat_chunks(monkeypatch):
+    from zsadx.data import png
+
+    monkeypatch.setattr(png, "IDAT_BYTES", 97)
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    data = encode_png(pixels)
+    assert data.count(b"IDAT") > 10
+    assert np.array_equal(pillow_pixels(data), pixels)
+    spng = pytest.importorskip("pyspng")
+    assert np.array_equal(spng.load(data), pixels)

@@ -22,6 +22,7 @@ import numpy as np
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _UP = 2                 # PNG filter type 2: each byte minus the byte above it
 _COLOUR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (0 greyscale, 2 RGB)
+IDAT_BYTES = 1 << 24    # the deflate stream in chunks of at most 16 MiB (a chunk may not reach 2 GiB)
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -43,4 +44,5 @@ def encode_png(pixels: np.ndarray) -> bytes:
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     data = deflate.compress(filtered) + deflate.flush()
     header = struct.pack(">IIBBBBB", w, h, 8, _COLOUR_TYPES[channels], 0, 0, 0)
-    return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    idat = b"".join(_chunk(b"IDAT", data[i:i + IDAT_BYTES]) for i in range(0, len(data), IDAT_BYTES))
+    return _SIGNATURE + _chunk(b"IHDR", header) + idat + _chunk(b"IEND", b"")
