@@ -281,6 +281,15 @@ def test_score_buffer_sized_from_a_hint_or_grown_keeps_every_score_once(hint):
     assert np.array_equal(st["_all"][0], maps[:6].reshape(-1))
     m = acc.compute()
     assert acc._all._buf.size == maps.size  # spare room given back before the sort
+    assert np.array_equal(st["_all"][0], maps[:6].reshape(-1))  # the mid-run state kept its scores
+    assert np.array_equal(np.sort(kept), np.sort(maps.reshape(-1)))
+    # A state taken only at the end (as the evaluator does, just before computing) is sorted where
+    # it lies, not copied: the same scores, reordered, and no second buffer of the pixels' size.
+    last = ClassMetrics("grow", **kw)
+    last.add(scores, labels, maps, masks)
+    (whole,) = last.state()["_all"]
+    assert last.compute() == m
+    assert np.shares_memory(last._all._buf, whole) and np.array_equal(whole, np.sort(maps.reshape(-1)))
     assert m["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), rel=1e-12)
     assert m["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), rel=1e-12)
 

@@ -368,7 +368,7 @@ class _GrowingScores:
         self._buf = np.empty(0, np.float32)
         self._expected = max(int(expected), 0)
         self.size = 0
-        self._lent = False   # a view went out (state()): never reallocate under it
+        self._lent = 0       # the length of the shortest view into the buffer (state()): never reallocate under it
 
     def append(self, scores: np.ndarray, fresh: bool = False) -> None:
         end = self.size + scores.size
@@ -379,30 +379,31 @@ class _GrowingScores:
 
     def _reserve(self, capacity: int) -> None:
         if self._buf.size == 0 and self._expected >= capacity:
-            self._buf, self._lent = np.empty(self._expected, np.float32), False
+            self._buf, self._lent = np.empty(self._expected, np.float32), 0
         elif self._lent or self._buf.size == 0:
             grown = np.empty(capacity, np.float32)
             grown[:self.size] = self._buf[:self.size]
-            self._buf, self._lent = grown, False
+            self._buf, self._lent = grown, 0
         else:
             self._buf.resize(capacity, refcheck=False)
 
     def sorted(self) -> np.ndarray:
-        """All scores, ascending (sorted in place; the spare capacity is given back first)."""
-        if self._buf.size > self.size:
-            self._shrink()
+        """All scores, ascending, sorted in place. Unused room is given back first (a remap, not a
+        copy). Views handed out by ``state()`` over all the scores (the evaluator takes the state
+        just before it computes) only see their own scores reordered; if one covers fewer (a state
+        taken mid-run, with scores added after it), the scores are copied out first so it keeps them."""
+        if self._lent and self._lent < self.size:
+            self._buf, self._lent = self._buf[:self.size].copy(), 0
+        elif self._buf.size > self.size:
+            if self._lent:
+                self._buf = self._buf[:self.size]  # the view's memory stays where it is
+            else:
+                self._buf.resize(self.size, refcheck=False)
         self._buf.sort()
         return self._buf
 
-    def _shrink(self) -> None:
-        """Give back the unused reservation (a remap, not a copy) unless a view of it is out."""
-        if self._lent:
-            self._buf, self._lent = self._buf[:self.size].copy(), False
-        else:
-            self._buf.resize(self.size, refcheck=False)
-
     def pieces(self) -> list:
-        self._lent = True
+        self._lent = self._lent or self.size  # the shortest view into this buffer: the first one
         return [self._buf[:self.size]] if self.size else []
 
 
