@@ -411,6 +411,44 @@ def test_per_class_view_equals_zsadx_table_per_class_json(grid, report, tmp_path
 
 
 @needs_chromium
+def test_a_per_class_header_sorts_every_datasets_classes_keeping_the_mean_row_last(grid, report, tmp_path, capsys):
+    """``pc=``: every per-class table sorted by that column (missing values last), the mean row
+    last, the results table untouched; the header link then offers the other direction and keeps
+    the results table's own sort in the hash."""
+    js = table_json(capsys, grid["grid"], METRICS, "--per-class")
+    col, metric = 0, "pixel_auroc"
+    i = js["metrics"].index(metric)
+    plain = dom(tmp_path, report)
+    first = plain.find("table", **{"class": "per-class"}).find("th", **{"data-key": f"{col}:{metric}"})
+    assert first.find("a").attrs["href"] == f"#pc=-{col}%3A{metric}"
+
+    def classes(root: Node) -> dict[str, list[str]]:
+        return {d.attrs["data-dataset"]: [tr.find("td").text() for tr in d.find("tbody").find_all("tr")]
+                for d in root.find("section", id="per-class").find_all("details")}
+
+    def expected(descending: bool) -> dict[str, list[str]]:
+        out = {}
+        for ds in dict.fromkeys(r["dataset"] for r in js["rows"]):
+            mine = [r for r in js["rows"] if r["dataset"] == ds]
+            vals = [(r["class"], (r[js["columns"][col]][i] or [None])[0]) for r in mine if not r["mean_row"]]
+            known = sorted((v for v in vals if v[1] is not None), key=lambda v: v[1], reverse=descending)
+            out[ds] = [c for c, _ in known] + [c for c, v in vals if v is None] + [mine[-1]["class"]]
+        return out
+
+    results_order = [r["dataset"] for r in results_rows(plain)]
+    desc = dom(tmp_path, report, f"#sort=dataset&pc=-{col}%3A{metric}")
+    assert classes(desc) == expected(True) != classes(plain)
+    assert [r["dataset"] for r in results_rows(desc)] == sorted(results_order)   # its own sort, kept
+    th = desc.find("table", **{"class": "per-class"}).find("th", **{"data-key": f"{col}:{metric}"})
+    assert th.attrs.get("aria-sort") == "descending"
+    again = th.find("a").attrs["href"]
+    assert again == f"#sort=dataset&pc={col}%3A{metric}"
+    assert classes(dom(tmp_path, report, again)) == expected(False)
+    by_name = classes(dom(tmp_path, report, "#pc=class"))
+    assert all(names[:-1] == sorted(names[:-1]) for names in by_name.values())
+
+
+@needs_chromium
 def test_hostile_names_are_text_not_markup(grid, report, tmp_path):
     root = dom(tmp_path, report)
     body = root.find("body")

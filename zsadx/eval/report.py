@@ -7,7 +7,8 @@ columns chosen by check boxes), a view per domain (or of the domain averages onl
 tables, the plots, the qualitative figure and every cell's status, config, code version and log.
 
 The page's state lives in the URL hash (``#sort=-0:image_auroc&metrics=image_auroc&view=medical``):
-a header is a link to the hash that sorts by it, a check box or the view menu rewrites the hash,
+a header is a link to the hash that sorts by it (``pc=`` for the per-class tables, which sort
+together), a check box or the view menu rewrites the hash,
 and the script applies whatever hash the page is opened with. Sorting by ``-KEY`` is descending;
 missing values ('-') stay last either way.
 
@@ -124,9 +125,11 @@ def _number(v: Optional[float]) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
 
 
-def _sort_link(key: str, label: str, descending_first: bool) -> str:
+def _sort_link(key: str, label: str, descending_first: bool, param: str = "sort") -> str:
+    """A header link to the hash that sorts by ``key``: ``sort`` for the results table, ``pc`` for
+    the per-class tables (all sorted alike: they share columns)."""
     first = f"-{key}" if descending_first else key
-    return f'<a class="sort" href="#sort={_attr(quote(first, safe=""))}">{label}</a>'
+    return f'<a class="sort" href="#{param}={_attr(quote(first, safe=""))}">{label}</a>'
 
 
 def metric_key(column_index: int, metric: str) -> str:
@@ -142,18 +145,17 @@ def short_metric(metric: str) -> str:
     return metric
 
 
-def _grouped_head(first: Sequence[str], columns: Sequence[str], metrics: Sequence[str], sortable: bool) -> str:
+def _grouped_head(first: Sequence[str], columns: Sequence[str], metrics: Sequence[str], param: str) -> str:
     """Two header rows: ``first`` (spanning both), a group per axis value, then one header per
-    metric of each group (a link that sorts by it when ``sortable``)."""
+    metric of each group: a link that sorts by it, through the hash parameter ``param``."""
     top = [*first, *(f'<th class="group" colspan="{len(metrics)}" data-group="{j}">{escape(col)}</th>'
                      for j, col in enumerate(columns))]
     metric_row = []
     for j, col in enumerate(columns):
         for i, m in enumerate(metrics):
             key = metric_key(j, m)
-            label = _sort_link(key, escape(short_metric(m)), True) if sortable else escape(short_metric(m))
-            key_attr = f' data-key="{_attr(key)}"' if sortable else ""
-            metric_row.append(f'<th class="m{i}"{key_attr} data-column="{_attr(col)}" data-group="{j}" '
+            label = _sort_link(key, escape(short_metric(m)), True, param)
+            metric_row.append(f'<th class="m{i}" data-key="{_attr(key)}" data-column="{_attr(col)}" data-group="{j}" '
                               f'data-metric="{_attr(m)}" title="{_attr(m)}">{label}</th>')
     return "<thead><tr>" + "".join(top) + "</tr><tr>" + "".join(metric_row) + "</tr></thead>"
 
@@ -178,15 +180,16 @@ def results_table(table: tables.Table) -> str:
         tds += [_value_cell(table.cells[(row, col)][i], i, tables._best(table, row, i), metric_key(j, m))
                 for j, col in enumerate(table.columns) for i, m in enumerate(table.metrics)]
         rows.append(f'<tr class="{kind}" data-domain="{_attr(dom)}">' + "".join(tds) + "</tr>")
-    head = _grouped_head(first, table.columns, table.metrics, sortable=True)
+    head = _grouped_head(first, table.columns, table.metrics, "sort")
     return f'<table id="results">{head}<tbody>' + "\n".join(rows) + "</tbody></table>"
 
 
 def per_class_tables(table: tables.ClassTable) -> str:
     """The per-class view (``zsadx table --per-class``): a table per dataset, its classes then its
-    mean row; the metric check boxes apply here too."""
+    mean row; the metric check boxes apply here too, and a header sorts every table's classes by
+    it (the mean row stays last)."""
     datasets = list(dict.fromkeys((dom, ds) for dom, ds, _ in table.rows))
-    first = ['<th rowspan="2">class</th>']
+    first = [f'<th rowspan="2" data-key="class">{_sort_link("class", "class", False, "pc")}</th>']
     parts = []
     for dom, ds in datasets:
         classes = [c for d, name, c in table.rows if name == ds and d == dom]
@@ -201,7 +204,7 @@ def per_class_tables(table: tables.ClassTable) -> str:
         n = len(classes) - 1
         parts.append(f'<details class="per-class" data-domain="{_attr(dom)}" data-dataset="{_attr(ds)}" open>'
                      f"<summary>{escape(ds)} ({escape(dom)}, {n} class{'es' if n != 1 else ''})</summary>"
-                     f'<table class="per-class">{_grouped_head(first, table.columns, table.metrics, sortable=False)}'
+                     f'<table class="per-class">{_grouped_head(first, table.columns, table.metrics, "pc")}'
                      "<tbody>" + "".join(trs) + "</tbody></table></details>")
     return "".join(parts)
 
@@ -286,27 +289,23 @@ SCRIPT = r"""
 (function () {
   var table = document.getElementById('results');
   if (!table) return;
-  var heads = Array.prototype.slice.call(table.tHead.querySelectorAll('th[data-key]'));  // a row's cells, in order
   var groups = Array.prototype.slice.call(document.querySelectorAll('th.group'));
-  var body = table.tBodies[0];
-  var original = Array.prototype.slice.call(body.rows);
+  var original = Array.prototype.slice.call(table.tBodies[0].rows);
   var boxes = Array.prototype.slice.call(document.querySelectorAll('.metric-box'));
   var view = document.getElementById('view');
+  var PARAMS = ['sort', 'pc', 'metrics', 'view'];
   function state() {
     var p = new URLSearchParams(location.hash.slice(1));
-    return {sort: p.get('sort') || '', view: p.get('view') || 'all',
+    return {sort: p.get('sort') || '', pc: p.get('pc') || '', view: p.get('view') || 'all',
             metrics: p.has('metrics') ? p.get('metrics').split(',').filter(Boolean) : null};
   }
   function hashOf(s) {
     var p = new URLSearchParams();
     if (s.sort) p.set('sort', s.sort);
+    if (s.pc) p.set('pc', s.pc);
     if (s.metrics) p.set('metrics', s.metrics.join(','));
     if (s.view && s.view !== 'all') p.set('view', s.view);
     return '#' + p.toString();
-  }
-  function columnOf(key) {
-    for (var i = 0; i < heads.length; i++) if (heads[i].dataset.key === key) return i;
-    return -1;
   }
   function sortValue(cell) {  // [missing?, value]: numbers from data-mean, text otherwise
     if (cell.hasAttribute('data-mean')) {
@@ -315,28 +314,43 @@ SCRIPT = r"""
     }
     return cell.textContent;
   }
-  function sortRows(spec) {
-    var desc = spec.charAt(0) === '-', col = columnOf(desc ? spec.slice(1) : spec);
-    var rows = original.slice();
-    if (col >= 0) {
-      var keyed = rows.map(function (r, i) { return [sortValue(r.cells[col]), i, r]; });
-      keyed.sort(function (a, b) {  // missing values last, ties in the table's order
-        if (a[0] === null || b[0] === null) return (a[0] === null) - (b[0] === null) || a[1] - b[1];
-        var c = typeof a[0] === 'number' ? a[0] - b[0] : a[0].localeCompare(b[0]);
-        return (desc ? -c : c) || a[1] - b[1];
-      });
-      rows = keyed.map(function (x) { return x[2]; });
+  // A table whose header links sort its rows through the hash parameter `param`; rows of class
+  // `pinned` (the per-class tables' mean row) keep their place at the end.
+  function sorter(el, param, pinned) {
+    var heads = Array.prototype.slice.call(el.tHead.querySelectorAll('th[data-key]'));  // a row's cells, in order
+    var body = el.tBodies[0], rows0 = Array.prototype.slice.call(body.rows);
+    function columnOf(key) {
+      for (var i = 0; i < heads.length; i++) if (heads[i].dataset.key === key) return i;
+      return -1;
     }
-    rows.forEach(function (r) { body.appendChild(r); });
-    for (var i = 0; i < heads.length; i++) {
-      var th = heads[i], key = th.dataset.key, link = th.querySelector('a.sort');
-      var on = i === col, numeric = th.hasAttribute('data-metric');
-      th.removeAttribute('aria-sort');
-      if (on) th.setAttribute('aria-sort', desc ? 'descending' : 'ascending');
-      var next = on ? (desc ? key : '-' + key) : (numeric ? '-' + key : key);
-      link.setAttribute('href', hashOf({sort: next, metrics: state().metrics, view: state().view}));
-    }
+    return function (s) {
+      var spec = s[param], desc = spec.charAt(0) === '-', col = columnOf(desc ? spec.slice(1) : spec);
+      var free = rows0.filter(function (r) { return !pinned || !r.classList.contains(pinned); });
+      var last = rows0.filter(function (r) { return pinned && r.classList.contains(pinned); });
+      if (col >= 0) {
+        var keyed = free.map(function (r, i) { return [sortValue(r.cells[col]), i, r]; });
+        keyed.sort(function (a, b) {  // missing values last, ties in the table's order
+          if (a[0] === null || b[0] === null) return (a[0] === null) - (b[0] === null) || a[1] - b[1];
+          var c = typeof a[0] === 'number' ? a[0] - b[0] : a[0].localeCompare(b[0]);
+          return (desc ? -c : c) || a[1] - b[1];
+        });
+        free = keyed.map(function (x) { return x[2]; });
+      }
+      free.concat(last).forEach(function (r) { body.appendChild(r); });
+      for (var i = 0; i < heads.length; i++) {
+        var th = heads[i], key = th.dataset.key, link = th.querySelector('a.sort');
+        var on = i === col, numeric = th.hasAttribute('data-metric');
+        th.removeAttribute('aria-sort');
+        if (on) th.setAttribute('aria-sort', desc ? 'descending' : 'ascending');
+        var next = {};
+        PARAMS.forEach(function (k) { next[k] = s[k]; });
+        next[param] = on ? (desc ? key : '-' + key) : (numeric ? '-' + key : key);
+        link.setAttribute('href', hashOf(next));
+      }
+    };
   }
+  var sorters = [sorter(table, 'sort', null)].concat(Array.prototype.map.call(
+    document.querySelectorAll('table.per-class'), function (t) { return sorter(t, 'pc', 'avg'); }));
   function showMetrics(chosen) {
     boxes.forEach(function (b) {
       var shown = chosen === null ? b.hasAttribute('data-default') : chosen.indexOf(b.dataset.metric) >= 0;
@@ -370,7 +384,7 @@ SCRIPT = r"""
   }
   function apply() {
     var s = state();
-    sortRows(s.sort);
+    sorters.forEach(function (sortBy) { sortBy(s); });
     showMetrics(s.metrics);
     showView(s.view);
     document.body.setAttribute('data-applied', location.hash);
@@ -416,7 +430,8 @@ def per_class_section(table: Optional[tables.ClassTable]) -> str:
     if table is None:
         return ""
     note = ('<p class="note">per dataset: its classes, then the mean row (the results files\' mean over '
-            "classes, as in the results table); x100, mean±std over seeds</p>")
+            "classes, as in the results table); x100, mean±std over seeds; click a header to sort every "
+            "dataset's classes by it (the mean row stays last)</p>")
     return _section("Per class", note + per_class_tables(table), "per-class")
 
 
