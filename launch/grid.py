@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 
 from zsadx.config import ConfigError, load_config, load_yaml, suggest, to_dict
 from zsadx.files import resolve_within, safe_component
+from zsadx.tracking import TrackerConfig
 
 
 @dataclass
@@ -80,6 +81,9 @@ class GridConfig:
     test_sets: list[str] = field(default_factory=list)        # for protocol 'explicit'
     seeds: list[int] = field(default_factory=lambda: [0])
     eval_overrides: list[str] = field(default_factory=list)   # EvalConfig overrides (data.batch_size=...)
+    # Experiment trackers for every cell, training and evaluation alike: replaces the method and
+    # training configs' own `tracking` sections; `train_overrides` / `eval_overrides` still win.
+    tracking: Optional[TrackerConfig] = None
     # Folder that relative `methods[*].checkpoints` paths are read from; itself relative to the
     # current folder, like `shards` and `out_dir` (default: the current folder).
     checkpoints_root: str = "."
@@ -253,10 +257,15 @@ def _train_cell(cfg: GridConfig, m: GridMethod, label: str, ts: TrainSet, seed: 
 
     sources = [{"shards": cfg.shards, "split": "test", **s} for s in ts.sources]
     folder = _cell_folder(Path(cfg.out_dir), "train", label, ts.name, f"seed{seed}")
-    tcfg = load_config(TrainConfig, m.train, overrides=[
+    tcfg = load_config(TrainConfig, m.train, data=_grid_tracking(cfg), overrides=[
         *[f"method.{o}" for o in m.overrides], *m.train_overrides, f"seed={seed}", f"out_dir={folder / 'run'}",
         "resume=latest", "progress=false", "data.sources=" + json.dumps(sources)])
     return TrainCell(label, ts.name, seed, to_dict(tcfg), folder)
+
+
+def _grid_tracking(cfg: GridConfig) -> dict:
+    """The grid's ``tracking`` section as config data for a cell ({} when the grid has none)."""
+    return {} if cfg.tracking is None else {"tracking": to_dict(cfg.tracking)}
 
 
 def expand(cfg: GridConfig) -> Plan:
@@ -282,7 +291,7 @@ def expand(cfg: GridConfig) -> Plan:
             for dataset, shots in itertools.product(pairing.tests, m.shots):
                 folder = _cell_folder(out, "eval", label, pairing.train_set.name, dataset,
                                       f"seed{seed}" + (f"-{shots}shot" if shots else ""))
-                ecfg = load_config(EvalConfig, data={"method": load_yaml(m.config)}, overrides=[
+                ecfg = load_config(EvalConfig, data={"method": load_yaml(m.config), **_grid_tracking(cfg)}, overrides=[
                     *method_over, f"method.shots={shots}", *cfg.eval_overrides, f"seed={seed}",
                     f"data.shards={cfg.shards}", f"data.dataset={dataset}", f"out_dir={folder}",
                     "progress=false"])  # cells log to files (debug: beside the grid's own progress lines)

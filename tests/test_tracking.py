@@ -305,3 +305,55 @@ def test_grid_cells_name_group_and_tag_their_tracker_runs(shards, tmp_path):
     (result,) = cell.folder.glob("winclip-*-mvtec-ad.json")
     mean = json.loads(result.read_text())["mean"]
     assert run["history"]["eval/mvtec-ad/mean/image_auroc"] == [(0, pytest.approx(mean["image_auroc"], rel=1e-12))]
+
+
+def test_a_grids_tracking_section_reaches_every_cell_and_overrides_still_win(shards, tmp_path):
+    """``tracking:`` in the grid: every training and evaluation cell logs to those trackers (no
+    override per method needed); an ``eval_overrides`` entry still wins for the evaluation cells."""
+    from launch import fanout
+    from launch.grid import GridConfig, expand
+    from launch.jobs import CellJob
+    from zsadx.config import load_config
+
+    spec = {"name": "study", "out_dir": str(tmp_path / "grid"), "shards": str(shards), "cluster": "debug",
+            "protocol": {"type": "explicit"}, "test_sets": ["mvtec-ad"],
+            "train_sets": [{"name": "mvtec-ad", "sources": [{"dataset": "mvtec-ad"}]}],
+            "methods": [{"config": "methods/winclip-tiny"},
+                        {"config": "methods/anomalyclip-tiny", "train": "train/anomalyclip-tiny"}],
+            "tracking": {"log_with": ["tensorboard"], "project": "study-tb"},
+            "eval_overrides": ["data.classes=[bottle]", "data.num_workers=0", "tracking.images=0"]}
+    plan = expand(load_config(GridConfig, data=spec))
+    (train,) = plan.train
+    assert train.config["tracking"]["log_with"] == ["tensorboard"] and train.config["tracking"]["project"] == "study-tb"
+    assert train.config["tracking"]["images"] == 4                     # the grid's section, whole
+    assert {c.config["tracking"]["images"] for c in plan.evals} == {0}  # the override wins
+    assert all(c.config["tracking"]["log_with"] == ["tensorboard"] for c in plan.evals)
+    # A cell's run logs there: its mean metrics in TensorBoard, no overlays (images=0).
+    (cell,) = [c for c in plan.evals if c.method == "winclip"]
+    CellJob(fanout._spec(cell, None, grid=fanout.todo(plan).grid))()
+    (result,) = cell.folder.glob("winclip-*-mvtec-ad.json")
+    mean = json.loads(result.read_text())["mean"]
+    tb = tb_scalars(cell.folder / "trackers" / "study-tb")
+    assert tb["eval/mvtec-ad/mean/image_auroc"] == [(0, pytest.approx(mean["image_auroc"], rel=1e-6))]
+    assert tb_images(cell.folder / "trackers" / "study-tb") == []
+    # Tracking is no part of a cell's identity: the same cells, keys and folders as without it.
+    bare = expand(load_config(GridConfig, data={k: v for k, v in spec.items() if k != "tracking"}))
+    assert [(c.id, c.folder) for c in bare.evals] == [(c.id, c.folder) for c in plan.evals]
+    assert fanout.todo(bare).grid == fanout.todo(plan).grid
+
+
+@pytest.mark.parametrize("tracker", ["wandb"] + (["mlflow"] if MLFLOW else []))
+def test_an_evaluation_logs_to_one_tracker_alone_in_a_fresh_process(shards, tmp_path, tracker):
+    """A fresh ``zsadx eval`` process with one tracker and no Accelerator anywhere (a grid cell's job
+    is such a process): Accelerate's trackers need its state, which nothing else had made."""
+    import sys
+
+    out = tmp_path / "eval"
+    run_checked([sys.executable, "-m", "zsadx", "eval", "--method", "methods/winclip-tiny", "--shards", str(shards),
+                 "--dataset", "mvtec-ad", "--classes", "bottle", "--out", str(out), "data.num_workers=0",
+                 "progress=false", f"tracking.log_with=[{tracker}]", "tracking.run_name=alone"])
+    (result,) = out.glob("winclip-*-mvtec-ad.json")
+    mean = json.loads(result.read_text())["mean"]
+    run = wandb_run(offline_runs(out / "trackers")[0]) if tracker == "wandb" else mlflow_run(out / "trackers")
+    assert run["name"] == "alone"
+    assert run["history"]["eval/mvtec-ad/mean/image_auroc"] == [(0, pytest.approx(mean["image_auroc"], rel=1e-12))]

@@ -164,6 +164,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own error names the key at fault
+            return _convert(value, candidates[0], key)
         errors = []
         for arg in args:
             if arg is type(None):

@@ -233,8 +233,12 @@ def evaluation_values(results: dict) -> dict[str, float]:
 def start_trackers(cfg: TrackerConfig, out_dir: str | os.PathLike, config: dict, job: str) -> list:
     """Accelerate's trackers for a job that runs outside an Accelerator (evaluation), started the
     way ``Accelerator.init_trackers`` starts them."""
+    from accelerate import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
+    # Accelerate's trackers log through its logging utility, which refuses to run before its
+    # state exists: an Accelerator makes it in training; here nothing has (wandb alone crashed).
+    PartialState()
     prepare_stores(cfg, out_dir)
     kwargs = init_kwargs(cfg, out_dir, job)
     trackers = []
