@@ -357,3 +357,30 @@ def test_an_evaluation_logs_to_one_tracker_alone_in_a_fresh_process(shards, tmp_
     run = wandb_run(offline_runs(out / "trackers")[0]) if tracker == "wandb" else mlflow_run(out / "trackers")
     assert run["name"] == "alone"
     assert run["history"]["eval/mvtec-ad/mean/image_auroc"] == [(0, pytest.approx(mean["image_auroc"], rel=1e-12))]
+
+
+@needs_mlflow
+def test_runs_one_after_another_in_a_process_each_keep_their_own_mlflow_store(shards, tmp_path, capsys, monkeypatch):
+    """MLflow exports its tracking URI to the environment: a run's own file store must not become
+    the next run's (a local grid runs its cells one after another in one process), nor leak into
+    the processes started later. A URI the user set is still used, and kept."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    outs = [tmp_path / "first", tmp_path / "second"]
+    for out in outs:
+        rc, _, err = run_cli(capsys, "eval", "--method", "methods/winclip-tiny", "--shards", shards, "--dataset",
+                             "mvtec-ad", "--classes", "bottle", "--out", out, "data.num_workers=0", "progress=false",
+                             "tracking.log_with=[mlflow]", f"tracking.run_name={out.name}")
+        assert rc == 0, err
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    for out in outs:
+        assert mlflow_run(out / "trackers")["name"] == out.name  # one run in each store: its own
+    users = tmp_path / "users-store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (users / "mlruns").as_uri())
+    rc, _, err = run_cli(capsys, "eval", "--method", "methods/winclip-tiny", "--shards", shards, "--dataset",
+                         "mvtec-ad", "--classes", "bottle", "--out", tmp_path / "third", "data.num_workers=0",
+                         "progress=false", "tracking.log_with=[mlflow]", "tracking.run_name=third")
+    assert rc == 0, err
+    assert os.environ["MLFLOW_TRACKING_URI"] == (users / "mlruns").as_uri()
+    assert mlflow_run(users)["name"] == "third" and not (tmp_path / "third" / "trackers" / "mlruns").exists()

@@ -139,11 +139,17 @@ def prepare_stores(cfg: TrackerConfig, out_dir: str | os.PathLike) -> None:
     if "mlflow" in cfg.log_with:
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        users = os.environ.get("MLFLOW_TRACKING_URI")
+        uri = users
         if not uri:  # offline: a file store in the run's folder (MLflow 3 asks for this opt-in)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = (where / "mlruns").resolve().as_uri()
         mlflow.set_tracking_uri(uri)
+        # MLflow also exports the URI to the environment, for child processes. A run's own file
+        # store is not the user's: left there, every later run of this process (a local grid's
+        # next cell) and every process it starts would take it for theirs and log into this run.
+        if users is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def store_configuration(trackers: list, config: dict, first: Optional[dict] = None) -> None:
