@@ -85,48 +85,36 @@ def make_set(folder: Path, n: int, native: int) -> list[Record]:
     return recs
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (DataLoader workers, once joined)."""
+def cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process, and of its finished children (DataLoader workers, once joined)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def rate(batches, fixed_cpu: float = 0.0) -> tuple[float, float]:
-    """(images per wall second, images per CPU second): the second is the per-core rate, and it is
-    what a busy shared machine disturbs least (other work takes wall time, not our CPU time).
-    ``fixed_cpu``: CPU seconds of a pass that are not per image (DataLoader worker start-up)."""
-    wall, cpu, n = time.perf_counter(), cpu_seconds(), 0
+def rate(batches, fixed_cpu: float = 0.0) -> tuple[float, float, float]:
+    """(images per wall second, per CPU second, per CPU second of the child processes alone): the
+    per-CPU-second rate is the per-core rate, and it is what a busy shared machine disturbs least
+    (other work takes wall time, not our CPU time); the third is a DataLoader's per worker core.
+    ``fixed_cpu``: the children's CPU seconds of a pass that are not per image (worker start-up)."""
+    wall, (me, kids), n = time.perf_counter(), cpu_seconds(), 0
     for batch in batches:
         n += batch["image"].shape[0]
     del batches  # DataLoader workers end here, so their CPU time is counted
-    return n / (time.perf_counter() - wall), n / max(cpu_seconds() - cpu - fixed_cpu, 1e-9)
+    wall, (me2, kids2) = time.perf_counter() - wall, cpu_seconds()
+    children = max(kids2 - kids - fixed_cpu, 1e-9)
+    return n / wall, n / max(me2 - me + children, 1e-9), n / children
+
+
+def best_rates(make, repeats: int, fixed_cpu: float = 0.0) -> tuple[float, float, float]:
+    """Each figure of :func:`rate` at its best of ``repeats`` passes (the first also warms the page
+    cache): the least disturbed by the other work on a shared machine."""
+    rates = [rate(make(), fixed_cpu) for _ in range(repeats)]
+    return tuple(max(r[i] for r in rates) for i in range(3))
 
 
 def best_rate(make, repeats: int, fixed_cpu: float = 0.0) -> tuple[float, float]:
-    """The best of ``repeats`` passes (the first also warms the page cache): the least disturbed
-    by the other work on a shared machine."""
-    rates = [rate(make(), fixed_cpu) for _ in range(repeats)]
-    return max(r[0] for r in rates), max(r[1] for r in rates)
-
-
-def loader_rate(make, repeats: int, fixed_cpu: float) -> tuple[float, float, float]:
-    """Through a DataLoader, the best of ``repeats`` passes: (images per wall second, images per
-    CPU second of the workers and the main process, images per CPU second of the workers alone).
-    ``fixed_cpu``: the workers' start-up, paid once per pass, left out."""
-    best = (0.0, 0.0, 0.0)
-    for _ in range(repeats):
-        wall, me, kids, n = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), \
-            resource.getrusage(resource.RUSAGE_CHILDREN), 0
-        batches = make()
-        for batch in batches:
-            n += batch["image"].shape[0]
-        del batches  # the workers end here, so their CPU time is counted
-        wall = time.perf_counter() - wall
-        me2, kids2 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        main_cpu = me2.ru_utime + me2.ru_stime - me.ru_utime - me.ru_stime
-        worker_cpu = max(kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime - fixed_cpu, 1e-9)
-        best = tuple(max(a, b) for a, b in zip(best, (n / wall, n / (main_cpu + worker_cpu), n / worker_cpu)))
-    return best
+    """(images per wall second, per core) of :func:`best_rates`: one process, no workers."""
+    return best_rates(make, repeats, fixed_cpu)[:2]
 
 
 class Passes(IterableDataset):
@@ -150,10 +138,10 @@ class Nothing(IterableDataset):
 def worker_startup_cpu(workers: int, repeats: int = 3) -> float:
     """CPU seconds a DataLoader pass costs before its first sample (forking and ending the workers):
     paid once per pass, so over a real dataset's thousands of images it vanishes."""
-    cpu = cpu_seconds()
+    cpu = sum(cpu_seconds())
     for _ in range(repeats):
         list(DataLoader(Nothing(), num_workers=workers))
-    return (cpu_seconds() - cpu) / repeats
+    return (sum(cpu_seconds()) - cpu) / repeats
 
 
 @contextmanager
@@ -326,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
             if workers not in startups:
                 startups[workers] = worker_startup_cpu(workers)
             with png_decoder(with_spng):
-                wall, core, worker_core = loader_rate(make, args.repeats, startups[workers])
+                wall, core, worker_core = best_rates(make, args.repeats, startups[workers])
             print(f"{name:44s} {wall:8.1f} {core:9.1f} {worker_core:16.1f}")
 
         print("\nper batch of 16 (collate in the worker; pin_memory needs CUDA):")

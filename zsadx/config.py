@@ -167,14 +167,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         candidates = [a for a in args if a is not type(None)]
         if len(candidates) == 1:  # Optional[X]: X's own error names the key at fault
             return _convert(value, candidates[0], key)
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in candidates:
             try:
                 return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"'{key}': {value!r} matches none of {_type_name(tp)}")
     if origin is typing.Literal:
         if value in args:

@@ -148,8 +148,11 @@ def prepare_stores(cfg: TrackerConfig, out_dir: str | os.PathLike) -> None:
         # MLflow also exports the URI to the environment, for child processes. A run's own file
         # store is not the user's: left there, every later run of this process (a local grid's
         # next cell) and every process it starts would take it for theirs and log into this run.
+        # So the environment goes back to what the user had.
         if users is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = users
 
 
 def store_configuration(trackers: list, config: dict, first: Optional[dict] = None) -> None:

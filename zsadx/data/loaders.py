@@ -74,15 +74,24 @@ except ImportError:  # pragma: no cover - optional
     _spng = None
 
 
-def _png_pixels(data: bytes) -> Optional[np.ndarray]:
-    """uint8 (3, H, W) pixels of an 8-bit RGB PNG through libspng, or None (not installed, another
-    pixel format): the caller then decodes with Pillow. PNG is lossless, so both give the same pixels."""
+def _spng_load(data: bytes, channels: int) -> Optional[np.ndarray]:
+    """8-bit PNG pixels through libspng: (H, W, 3) for ``channels=3``, (H, W) for 1; None when it is
+    not installed or the PNG is another format (or one it refuses): the caller then decodes with
+    Pillow, which decides. PNG is lossless, so both give the same pixels."""
     if _spng is None:
         return None
-    arr = _spng.load(data if isinstance(data, bytes) else bytes(data))  # its binding takes bytes only
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+    try:
+        arr = _spng.load(data if isinstance(data, bytes) else bytes(data))  # its binding takes bytes only
+    except RuntimeError:
         return None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    shape_ok = arr.ndim == 2 if channels == 1 else (arr.ndim == 3 and arr.shape[2] == channels)
+    return arr if arr.dtype == np.uint8 and shape_ok else None
+
+
+def _png_pixels(data: bytes) -> Optional[np.ndarray]:
+    """uint8 (3, H, W) pixels of an RGB PNG through libspng, or None (see :func:`_spng_load`)."""
+    arr = _spng_load(data, 3)
+    return None if arr is None else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def _image(sample: dict[str, bytes]) -> Image.Image | np.ndarray:
@@ -119,14 +128,8 @@ def _mask(sample: dict[str, bytes], name: str) -> Image.Image | None:
     if f"{name}.png" not in sample:
         return None
     data = sample[f"{name}.png"]
-    if _spng is not None:
-        try:
-            arr = _spng.load(data if isinstance(data, bytes) else bytes(data))
-        except RuntimeError:  # a PNG it does not take (or a corrupt one): Pillow decides
-            arr = None
-        if arr is not None and arr.dtype == np.uint8 and arr.ndim == 2:
-            return Image.fromarray(arr, "L")
-    return Image.open(io.BytesIO(data))
+    arr = _spng_load(data, 1)
+    return Image.fromarray(arr, "L") if arr is not None else Image.open(io.BytesIO(data))
 
 
 class EvalShards(IterableDataset):
@@ -145,15 +148,18 @@ class EvalShards(IterableDataset):
     def slice_for(self, consumer: int, consumers: int) -> tuple[int, int]:
         return consumer * self.total // consumers, (consumer + 1) * self.total // consumers
 
-    def rank_count(self, rank: int | None = None, world_size: int | None = None) -> int:
+    def rank_slice(self, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+        """[lo, hi): the global sample positions this rank evaluates."""
         r, w = dist_info(rank if rank is not None else self._rank, world_size or self._world)
-        lo, hi = self.total * r // w, self.total * (r + 1) // w
+        return self.total * r // w, self.total * (r + 1) // w
+
+    def rank_count(self, rank: int | None = None, world_size: int | None = None) -> int:
+        lo, hi = self.rank_slice(rank, world_size)
         return hi - lo
 
     def rank_class_counts(self, rank: int | None = None, world_size: int | None = None) -> dict[str, int]:
         """How many samples of each class this rank's slice holds (from the index: nothing is read)."""
-        r, w = dist_info(rank if rank is not None else self._rank, world_size or self._world)
-        lo, hi = self.total * r // w, self.total * (r + 1) // w
+        lo, hi = self.rank_slice(rank, world_size)
         counts: dict[str, int] = {}
         offset = 0
         for shard in self.shards:
@@ -164,10 +170,9 @@ class EvalShards(IterableDataset):
         return counts
 
     def __iter__(self) -> Iterator[dict]:
-        rank, world = dist_info(self._rank, self._world)
         wid, nw = worker()
         # Slice first by rank, then by worker, so each rank's count does not depend on its workers.
-        r_lo, r_hi = self.total * rank // world, self.total * (rank + 1) // world
+        r_lo, r_hi = self.rank_slice()
         n = r_hi - r_lo
         lo, hi = r_lo + n * wid // nw, r_lo + n * (wid + 1) // nw
         offset = 0

@@ -293,7 +293,6 @@ SCRIPT = r"""
   var original = Array.prototype.slice.call(table.tBodies[0].rows);
   var boxes = Array.prototype.slice.call(document.querySelectorAll('.metric-box'));
   var view = document.getElementById('view');
-  var PARAMS = ['sort', 'pc', 'metrics', 'view'];
   function state() {
     var p = new URLSearchParams(location.hash.slice(1));
     return {sort: p.get('sort') || '', pc: p.get('pc') || '', view: p.get('view') || 'all',
@@ -325,8 +324,8 @@ SCRIPT = r"""
     }
     return function (s) {
       var spec = s[param], desc = spec.charAt(0) === '-', col = columnOf(desc ? spec.slice(1) : spec);
-      var free = rows0.filter(function (r) { return !pinned || !r.classList.contains(pinned); });
-      var last = rows0.filter(function (r) { return pinned && r.classList.contains(pinned); });
+      var isPinned = function (r) { return pinned !== null && r.classList.contains(pinned); };
+      var free = rows0.filter(function (r) { return !isPinned(r); }), last = rows0.filter(isPinned);
       if (col >= 0) {
         var keyed = free.map(function (r, i) { return [sortValue(r.cells[col]), i, r]; });
         keyed.sort(function (a, b) {  // missing values last, ties in the table's order
@@ -342,8 +341,7 @@ SCRIPT = r"""
         var on = i === col, numeric = th.hasAttribute('data-metric');
         th.removeAttribute('aria-sort');
         if (on) th.setAttribute('aria-sort', desc ? 'descending' : 'ascending');
-        var next = {};
-        PARAMS.forEach(function (k) { next[k] = s[k]; });
+        var next = Object.assign({}, s);
         next[param] = on ? (desc ? key : '-' + key) : (numeric ? '-' + key : key);
         link.setAttribute('href', hashOf(next));
       }
